@@ -1,0 +1,30 @@
+import { idempotency } from './plugin.js'
+
+export { idempotency }
+export default idempotency
+export { RequestTracker } from './tracker.js'
+export type { TrackOptions, TrackResult, TrackerLogger } from './tracker.js'
+export { MemoryStore } from './stores/memory.js'
+export type { MemoryStoreOptions, WarningLogger } from './stores/memory.js'
+export type {
+  IdempotencyRecord,
+  IdempotencyStore,
+  InsertResult,
+  NewRecord,
+  RecordState,
+  RecordUpdate,
+  StoredResponse
+} from './stores/store.js'
+export { PluginOptionsSchema, RouteOptionsSchema, HOP_BY_HOP_HEADERS } from './options.js'
+export type { IdempotencyOptions, IdempotencyRouteOptions, ScopeFunction, FingerprintFunction } from './options.js'
+export {
+  ConflictError,
+  HaltedError,
+  InvalidOptionError,
+  KeyInvalidError,
+  KeyMissingError,
+  KeyMultipleError,
+  MismatchError,
+  StoreUnavailableError
+} from './errors.js'
+export type { IdempotencyError, IdempotencyErrorConstructor, IdempotencyProblem } from './errors.js'

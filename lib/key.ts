@@ -1,0 +1,158 @@
+import { createHash, type Hash } from 'node:crypto'
+
+const QUOTE = 0x22
+const BACKSLASH = 0x5c
+
+/**
+ * The key a client sent, unquoted: a bare run of visible ASCII (0x21-0x7E), or a Structured
+ * Field string (RFC 8941, as the IETF draft writes the header) whose content is printable ASCII.
+ * Returns `undefined` when the value is not a valid key of 1 to `maxLength` characters.
+ */
+export function parseKey (value: string, maxLength: number): string | undefined {
+  if (value.charCodeAt(0) === QUOTE) return parseQuotedKey(value, maxLength)
+  const length = value.length
+  if (length === 0 || length > maxLength) return undefined
+  for (let index = 0; index < length; index++) {
+    const code = value.charCodeAt(index)
+    if (code < 0x21 || code > 0x7e) return undefined
+  }
+  return value
+}
+
+function parseQuotedKey (value: string, maxLength: number): string | undefined {
+  const last = value.length - 1
+  if (last === 0 || value.charCodeAt(last) !== QUOTE) return undefined
+  let key = ''
+  let start = 1
+  for (let index = 1; index < last; index++) {
+    const code = value.charCodeAt(index)
+    if (code === BACKSLASH) {
+      const escaped = value.charCodeAt(index + 1)
+      if ((escaped !== QUOTE && escaped !== BACKSLASH) || index + 1 === last) return undefined
+      key += value.slice(start, index)
+      start = ++index
+    } else if (code === QUOTE || code < 0x20 || code > 0x7e) {
+      return undefined
+    }
+  }
+  key += value.slice(start, last)
+  return key.length === 0 || key.length > maxLength ? undefined : key
+}
+
+/** How many header lines named `name` (lower case) the client sent. */
+export function countHeaderLines (rawHeaders: readonly string[], name: string): number {
+  let lines = 0
+  for (let index = 0; index < rawHeaders.length; index += 2) {
+    const rawName = rawHeaders[index] as string
+    if (rawName.length === name.length && rawName.toLowerCase() === name) lines++
+  }
+  return lines
+}
+
+/**
+ * The key under which a request is stored: a hash of who asked (scope), what was asked
+ * (method and path) and the client's key, so that no client text reaches the store's key space
+ * and keys of different scopes or endpoints never meet.
+ */
+export function storageKey (scope: string, method: string, path: string, key: string): string {
+  // The scope is length-prefixed because it is the one part that may contain any character.
+  return createHash('sha256').update(`${scope.length}:${scope}\n${method}\n${path}\n${key}`).digest('base64url')
+}
+
+const FLUSH_AT = 4096
+
+/**
+ * Hashes a value in a canonical form: object keys sorted, `toJSON` honoured, buffers hashed as
+ * bytes. Two payloads that differ only in key order have the same fingerprint. Large values are
+ * fed to the hash in chunks, never built into one string.
+ */
+export class Fingerprint {
+  #hash: Hash
+  #pending = ''
+
+  constructor () {
+    this.#hash = createHash('sha256')
+  }
+
+  add (value: unknown): this {
+    this.#write(value)
+    return this
+  }
+
+  digest (): string {
+    if (this.#pending.length > 0) this.#hash.update(this.#pending)
+    return this.#hash.digest('base64url')
+  }
+
+  #write (value: unknown): void {
+    switch (typeof value) {
+      case 'string':
+        this.#text(JSON.stringify(value))
+        return
+      case 'number':
+      case 'boolean':
+        this.#text(String(value))
+        return
+      case 'bigint':
+        this.#text(`${value}n`)
+        return
+      case 'undefined':
+      case 'function':
+      case 'symbol':
+        this.#text('~')
+        return
+    }
+    if (value === null) {
+      this.#text('null')
+    } else if (Buffer.isBuffer(value) || value instanceof Uint8Array) {
+      this.#text(`b${value.length}:`)
+      this.#hash.update(this.#pending)
+      this.#pending = ''
+      this.#hash.update(value)
+    } else if (Array.isArray(value)) {
+      this.#text('[')
+      for (let index = 0; index < value.length; index++) {
+        if (index > 0) this.#text(',')
+        this.#write(value[index])
+      }
+      this.#text(']')
+    } else if (typeof (value as { toJSON?: unknown }).toJSON === 'function') {
+      this.#write((value as { toJSON: () => unknown }).toJSON())
+    } else {
+      this.#object(value as Record<string, unknown>)
+    }
+  }
+
+  #object (value: Record<string, unknown>): void {
+    const names = Object.keys(value)
+    if (names.length > 1) names.sort()
+    this.#text('{')
+    let first = true
+    for (const name of names) {
+      const member = value[name]
+      if (member === undefined) continue
+      this.#text(first ? `${JSON.stringify(name)}:` : `,${JSON.stringify(name)}:`)
+      first = false
+      this.#write(member)
+    }
+    this.#text('}')
+  }
+
+  #text (text: string): void {
+    this.#pending += text
+    if (this.#pending.length >= FLUSH_AT) {
+      this.#hash.update(this.#pending)
+      this.#pending = ''
+    }
+  }
+}
+
+/** The default fingerprint: the parsed query and body. */
+export function requestFingerprint (query: unknown, body: unknown): string {
+  return new Fingerprint().add(query).add(body).digest()
+}
+
+/** The fingerprint of what a route's `fingerprint` option returned. */
+export function valueFingerprint (value: unknown): string {
+  return new Fingerprint().add(value).digest()
+}

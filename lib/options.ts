@@ -1,0 +1,70 @@
+import Type, { type Static } from 'typebox'
+import type { FastifyRequest } from 'fastify'
+import type { IdempotencyStore } from './stores/store.js'
+import { compileOptions, withDefault } from './options-validator.js'
+
+/** Names the owner of a key (a user or tenant id): keys of different scopes never meet. */
+export type ScopeFunction = (request: FastifyRequest) => string | Promise<string>
+/** What must be equal when a key is reused; hashed in a canonical form. */
+export type FingerprintFunction = (request: FastifyRequest) => unknown
+
+const Milliseconds = (fallback: number, minimum = 1) => withDefault(Type.Integer({ minimum }), fallback)
+const Scope = Type.Unsafe<ScopeFunction>(Type.Function([Type.Any()], Type.Any()))
+const FingerprintOption = Type.Unsafe<FingerprintFunction>(Type.Function([Type.Any()], Type.Any()))
+const storeMethods = ['insert', 'lookup', 'update', 'delete', 'prune'] as const
+const Store = Type.Unsafe<IdempotencyStore>(Type.Object(
+  Object.fromEntries(storeMethods.map((name) => [name, Type.Function([], Type.Any())]))
+))
+
+// A token (RFC 9110), lower case as Node gives header names.
+const HEADER_NAME = "^[!#$%&'*+.^_`|~0-9a-z-]+$"
+
+export const HOP_BY_HOP_HEADERS = [
+  'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization', 'proxy-connection',
+  'te', 'trailer', 'transfer-encoding', 'upgrade'
+]
+
+/** Options of a route, given as `config.idempotency`; each overrides the plugin's. */
+export const RouteOptionsSchema = Type.Object({
+  required: Type.Optional(Type.Boolean()),
+  cacheTtl: Type.Optional(Type.Integer({ minimum: 1 })),
+  processingTtl: Type.Optional(Type.Integer({ minimum: 10 })),
+  scope: Type.Optional(Scope),
+  fingerprint: Type.Optional(FingerprintOption),
+  maxResponseSize: Type.Optional(Type.Integer({ minimum: 0 })),
+  releaseOnError: Type.Optional(Type.Boolean())
+}, { additionalProperties: false })
+
+/** The plugin's options: the single source of their rules and defaults. */
+export const PluginOptionsSchema = Type.Object({
+  cacheTtl: Type.Optional(Milliseconds(86_400_000)),
+  prune: Type.Optional(Milliseconds(60_000)),
+  processingTtl: Type.Optional(Milliseconds(60_000, 10)),
+  store: Type.Optional(Type.Union([Store], {
+    description: `an IdempotencyStore (an object with ${storeMethods.join(', ')})`
+  })),
+  header: Type.Optional(withDefault(Type.String({ pattern: HEADER_NAME }), 'idempotency-key')),
+  methods: Type.Optional(withDefault(
+    Type.Array(Type.String({ pattern: '^[A-Z]+$' }), { minItems: 1, uniqueItems: true }),
+    ['POST', 'PATCH']
+  )),
+  global: Type.Optional(withDefault(Type.Boolean(), false)),
+  required: Type.Optional(withDefault(Type.Boolean(), true)),
+  maxKeyLength: Type.Optional(withDefault(Type.Integer({ minimum: 1, maximum: 8192 }), 255)),
+  scope: Type.Optional(Scope),
+  fingerprint: Type.Optional(FingerprintOption),
+  maxResponseSize: Type.Optional(withDefault(Type.Integer({ minimum: 0 }), 1024 * 1024)),
+  releaseOnError: Type.Optional(withDefault(Type.Boolean(), false)),
+  excludeHeaders: Type.Optional(withDefault(
+    Type.Array(Type.String({ pattern: HEADER_NAME })),
+    [...HOP_BY_HOP_HEADERS, 'date', 'content-length', 'set-cookie']
+  )),
+  problemDetails: Type.Optional(withDefault(Type.Boolean(), false))
+}, { additionalProperties: false })
+
+export type IdempotencyOptions = Static<typeof PluginOptionsSchema>
+export type IdempotencyRouteOptions = Static<typeof RouteOptionsSchema>
+
+export const validatePluginOptions = compileOptions(PluginOptionsSchema, 'plugin')
+export const validateRouteOptions = compileOptions(RouteOptionsSchema, 'route')
+export type PluginSettings = ReturnType<typeof validatePluginOptions>

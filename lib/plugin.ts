@@ -1,0 +1,384 @@
+import { pipeline, Readable, Transform } from 'node:stream'
+import fp from 'fastify-plugin'
+import type {
+  FastifyInstance,
+  FastifyReply,
+  FastifyRequest,
+  HookHandlerDoneFunction,
+  RouteOptions
+} from 'fastify'
+import {
+  ConflictError,
+  HaltedError,
+  InvalidOptionError,
+  KeyInvalidError,
+  KeyMissingError,
+  KeyMultipleError,
+  MismatchError,
+  StoreUnavailableError,
+  type IdempotencyError
+} from './errors.js'
+import { countHeaderLines, parseKey, requestFingerprint, storageKey, valueFingerprint } from './key.js'
+import {
+  validatePluginOptions,
+  validateRouteOptions,
+  type FingerprintFunction,
+  type IdempotencyOptions,
+  type IdempotencyRouteOptions,
+  type ScopeFunction
+} from './options.js'
+import { MemoryStore } from './stores/memory.js'
+import type { StoredResponse } from './stores/store.js'
+import { RequestTracker, type TrackOptions } from './tracker.js'
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** The request tracker of fastify-idempotency, and through it the store. */
+    idempotency: RequestTracker
+  }
+  interface FastifyRequest {
+    /** The idempotency key as the client sent it (unquoted), or `undefined`. */
+    idempotencyKey: string | undefined
+  }
+  interface FastifyContextConfig {
+    /** `true` tracks the route, `false` opts it out of `global`, an object overrides options. */
+    idempotency?: boolean | IdempotencyRouteOptions
+  }
+}
+
+/** The settings of one tracked route: the plugin's options with the route's overrides. */
+interface RouteSettings {
+  required: boolean
+  scope: ScopeFunction | undefined
+  fingerprint: FingerprintFunction | undefined
+  maxResponseSize: number
+  track: TrackOptions
+}
+
+/** A request that owns its record: it runs the handler and must settle the record. */
+interface OwnedRecord {
+  key: string
+  owner: string
+  route: RouteSettings
+  error: Error | undefined
+}
+
+const kOwnedRecord = Symbol('fastify-idempotency.owned-record')
+type TrackedRequest = FastifyRequest & { [kOwnedRecord]: OwnedRecord | undefined }
+const REGISTER_OPTIONS = new Set(['prefix', 'logLevel', 'logSerializers'])
+
+function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOptions, done: (error?: Error) => void): void {
+  const settings = validatePluginOptions(withoutRegisterOptions(options))
+  const store = settings.store ?? new MemoryStore({ logger: fastify.log })
+  const tracker = new RequestTracker(store, fastify.log)
+  const header = settings.header
+  const headerLabel = header.replace(/(^|-)([a-z])/g, (_, dash: string, letter: string) => dash + letter.toUpperCase())
+  const trackedMethods = new Set(settings.methods)
+  const excludedHeaders = new Set(settings.excludeHeaders)
+
+  fastify.decorate('idempotency', tracker)
+  fastify.decorateRequest('idempotencyKey', undefined)
+  fastify.decorateRequest(kOwnedRecord, undefined)
+
+  const pruneTimer = setInterval(() => {
+    tracker.prune().catch((error: unknown) => {
+      fastify.log.warn({ err: error }, 'idempotency store prune failed')
+    })
+  }, settings.prune).unref()
+
+  fastify.addHook('onClose', async () => {
+    clearInterval(pruneTimer)
+    tracker.close()
+  })
+
+  fastify.addHook('onRoute', (route) => {
+    const config = route.config?.idempotency
+    if (config === false || (config === undefined && !settings.global)) return
+    const where = `${String(route.method)} ${route.url}`
+    if (config !== undefined && config !== true && (typeof config !== 'object' || config === null)) {
+      throw new InvalidOptionError(`route ${where}: config.idempotency must be a boolean or an object`)
+    }
+    const routeMethods = Array.isArray(route.method) ? route.method : [route.method]
+    const methods = routeMethods.filter((method) => trackedMethods.has(method))
+    if (methods.length === 0) {
+      if (config === undefined) return
+      throw new InvalidOptionError(
+        `route ${where} opts in to idempotency, but none of its methods is in methods (${settings.methods.join(', ')})`
+      )
+    }
+    let overrides: IdempotencyRouteOptions = {}
+    if (typeof config === 'object') {
+      try {
+        overrides = validateRouteOptions(config)
+      } catch (error) {
+        throw new InvalidOptionError(`route ${where}: ${(error as Error).message.replace(/^.*?: route /, 'config.idempotency ')}`)
+      }
+    }
+    attach(route, {
+      required: overrides.required ?? settings.required,
+      scope: overrides.scope ?? settings.scope,
+      fingerprint: overrides.fingerprint ?? settings.fingerprint,
+      maxResponseSize: overrides.maxResponseSize ?? settings.maxResponseSize,
+      track: {
+        cacheTtl: overrides.cacheTtl ?? settings.cacheTtl,
+        processingTtl: overrides.processingTtl ?? settings.processingTtl,
+        releaseOnError: overrides.releaseOnError ?? settings.releaseOnError
+      }
+    }, methods.length === routeMethods.length ? undefined : new Set(methods))
+  })
+
+  // Route-level hooks, appended after the route's own: the key is checked before the body is
+  // read, and tracking runs after the route's own hooks so that `scope` can read `request.user`.
+  function attach (route: RouteOptions, routeSettings: RouteSettings, onlyMethods: Set<string> | undefined): void {
+    route.onRequest = append(route.onRequest, function checkKey (request: FastifyRequest, reply: FastifyReply, next: HookHandlerDoneFunction) {
+      if (onlyMethods !== undefined && !onlyMethods.has(request.method)) {
+        next()
+        return
+      }
+      const value = request.headers[header]
+      if (value === undefined) {
+        if (routeSettings.required) fail(request, reply, new KeyMissingError(headerLabel), next)
+        else next()
+        return
+      }
+      if (typeof value !== 'string' || (value.includes(',') && countHeaderLines(request.raw.rawHeaders, header) > 1)) {
+        fail(request, reply, new KeyMultipleError(headerLabel), next)
+        return
+      }
+      const key = parseKey(value, settings.maxKeyLength)
+      if (key === undefined) {
+        fail(request, reply, new KeyInvalidError(headerLabel, settings.maxKeyLength), next)
+        return
+      }
+      request.idempotencyKey = key
+      next()
+    })
+
+    route.preHandler = append(route.preHandler, function trackRequest (request: FastifyRequest, reply: FastifyReply, next: HookHandlerDoneFunction) {
+      const clientKey = request.idempotencyKey
+      if (clientKey === undefined) {
+        next()
+        return
+      }
+      track(request, reply, clientKey, routeSettings).then((runHandler) => {
+        if (runHandler) next()
+      }, (error: Error) => {
+        fail(request, reply, error, next)
+      })
+    })
+
+    route.onError = append(route.onError, function noteError (request: FastifyRequest, _reply: FastifyReply, error: Error, next: () => void) {
+      const owned = (request as TrackedRequest)[kOwnedRecord]
+      if (owned !== undefined) owned.error = error
+      next()
+    })
+
+    route.onSend = append(route.onSend, function saveResponse (request: FastifyRequest, reply: FastifyReply, payload: unknown, next: (error: null, payload: unknown) => void) {
+      const owned = (request as TrackedRequest)[kOwnedRecord]
+      if (owned === undefined) {
+        next(null, payload)
+        return
+      }
+      ;(request as TrackedRequest)[kOwnedRecord] = undefined
+      if (reply.statusCode >= 500) {
+        settleFailure(request, owned, 'the handler failed').then(() => { next(null, payload) })
+        return
+      }
+      const expiresAt = Date.now() + owned.route.track.cacheTtl
+      reply.header('expires', new Date(expiresAt).toUTCString())
+      if (isReadable(payload) || payload instanceof ReadableStream) {
+        const source = payload instanceof ReadableStream ? Readable.fromWeb(payload as never) : payload
+        next(null, captureStream(request, reply, owned, source, expiresAt))
+        return
+      }
+      const body = toBuffer(payload)
+      if (body === undefined) {
+        settleFailure(request, owned, 'the response body is of a type that cannot be stored').then(() => { next(null, payload) })
+        return
+      }
+      if (body.length > owned.route.maxResponseSize) {
+        haltOversized(request, owned, body.length).then(() => { next(null, body) })
+        return
+      }
+      saveCompleted(request, owned, response(reply, body), expiresAt).then(() => { next(null, body) })
+    })
+  }
+
+  async function track (request: FastifyRequest, reply: FastifyReply, clientKey: string, route: RouteSettings): Promise<boolean> {
+    let scope = ''
+    if (route.scope !== undefined) {
+      const owner = route.scope(request)
+      scope = typeof owner === 'string' ? owner : await owner
+      if (typeof scope !== 'string') throw new TypeError('the idempotency scope function must return a string')
+    }
+    const url = request.url
+    const query = url.indexOf('?')
+    const key = storageKey(scope, request.method, query === -1 ? url : url.slice(0, query), clientKey)
+    const fingerprint = route.fingerprint === undefined
+      ? requestFingerprint(request.query, request.body)
+      : valueFingerprint(route.fingerprint(request))
+    let result
+    try {
+      result = await tracker.track(key, fingerprint, route.track)
+    } catch (error) {
+      request.log.error({ err: error }, 'idempotency store failed while tracking the request')
+      throw new StoreUnavailableError()
+    }
+    switch (result.status) {
+      case 'created':
+        ;(request as TrackedRequest)[kOwnedRecord] = { key, owner: result.owner, route, error: undefined }
+        return true
+      case 'completed':
+        replay(reply, result.response)
+        return false
+      case 'processing':
+        throw new ConflictError()
+      case 'mismatch':
+        throw new MismatchError()
+      case 'halted':
+        throw new HaltedError()
+    }
+  }
+
+  function replay (reply: FastifyReply, stored: StoredResponse): void {
+    reply.code(stored.statusCode)
+    reply.headers(stored.headers)
+    reply.header('idempotent-replayed', 'true')
+    reply.send(stored.body.length === 0 ? undefined : stored.body)
+  }
+
+  function response (reply: FastifyReply, body: Buffer): StoredResponse {
+    const headers: StoredResponse['headers'] = {}
+    const all = reply.getHeaders()
+    for (const name in all) {
+      const value = all[name]
+      if (value !== undefined && !excludedHeaders.has(name)) headers[name] = value
+    }
+    return { statusCode: reply.statusCode, headers, body }
+  }
+
+  async function saveCompleted (request: FastifyRequest, owned: OwnedRecord, stored: StoredResponse, expiresAt: number): Promise<void> {
+    try {
+      if (!await tracker.putResponse(owned.key, owned.owner, stored, expiresAt)) {
+        request.log.warn('idempotency record was taken over before the response was saved; it is not stored')
+      }
+    } catch (error) {
+      request.log.error({ err: error }, 'idempotency store failed while saving the response; retries will see the request as halted')
+    }
+  }
+
+  async function settleFailure (request: FastifyRequest, owned: OwnedRecord, reason: string): Promise<void> {
+    const release = owned.route.track.releaseOnError
+    try {
+      if (release) await tracker.release(owned.key, owned.owner)
+      else await tracker.halt(owned.key, owned.owner, Date.now() + owned.route.track.cacheTtl)
+      request.log.warn({ err: owned.error }, `idempotency record ${release ? 'released' : 'halted'}: ${reason}`)
+    } catch (error) {
+      tracker.forget(owned.owner)
+      request.log.error({ err: error }, 'idempotency store failed while settling a failed request')
+    }
+  }
+
+  async function haltOversized (request: FastifyRequest, owned: OwnedRecord, size: number): Promise<void> {
+    try {
+      await tracker.halt(owned.key, owned.owner, Date.now() + owned.route.track.cacheTtl)
+      request.log.warn({ size, maxResponseSize: owned.route.maxResponseSize },
+        'idempotency record halted: the response is larger than maxResponseSize and is not stored')
+    } catch (error) {
+      tracker.forget(owned.owner)
+      request.log.error({ err: error }, 'idempotency store failed while settling an oversized response')
+    }
+  }
+
+  // The stream is stored as it is sent: the client's bytes pass through, a copy is kept up to
+  // maxResponseSize, and the record is settled before the client sees the end of the body.
+  function captureStream (request: FastifyRequest, reply: FastifyReply, owned: OwnedRecord, source: Readable, expiresAt: number): Readable {
+    const limit = owned.route.maxResponseSize
+    const chunks: Buffer[] = []
+    let size = 0
+    const capture = new Transform({
+      transform (chunk: Buffer, _encoding, callback) {
+        size += chunk.length
+        if (size <= limit) chunks.push(chunk)
+        callback(null, chunk)
+      },
+      flush (callback) {
+        const settled = size > limit
+          ? haltOversized(request, owned, size)
+          : saveCompleted(request, owned, response(reply, Buffer.concat(chunks, size)), expiresAt)
+        settled.then(() => { callback() })
+      }
+    })
+    pipeline(source, capture, (error) => {
+      if (error != null) {
+        owned.error = error
+        void settleFailure(request, owned, 'the response stream failed')
+      }
+    })
+    return capture
+  }
+
+  function fail (request: FastifyRequest, reply: FastifyReply, error: Error, next: HookHandlerDoneFunction): void {
+    if (!settings.problemDetails || !('toProblemDetails' in error)) {
+      next(error)
+      return
+    }
+    const problem = error as IdempotencyError
+    const url = request.url
+    const query = url.indexOf('?')
+    if (problem.headers !== undefined) reply.headers(problem.headers)
+    reply
+      .code(problem.statusCode)
+      .type('application/problem+json')
+      .send(JSON.stringify({
+        type: problem.type,
+        title: problem.title,
+        status: problem.statusCode,
+        detail: problem.detail,
+        instance: query === -1 ? url : url.slice(0, query),
+        code: problem.code
+      }))
+  }
+
+  done()
+}
+
+function withoutRegisterOptions (options: IdempotencyOptions): unknown {
+  if (options === null || typeof options !== 'object') return options
+  const plugin: Record<string, unknown> = {}
+  for (const [name, value] of Object.entries(options)) {
+    if (!REGISTER_OPTIONS.has(name)) plugin[name] = value
+  }
+  return plugin
+}
+
+function append<Hook> (hooks: Hook | Hook[] | undefined, hook: Hook): Hook[] {
+  if (hooks === undefined) return [hook]
+  return Array.isArray(hooks) ? [...hooks, hook] : [hooks, hook]
+}
+
+function isReadable (payload: unknown): payload is Readable {
+  return payload !== null && typeof payload === 'object' && typeof (payload as Readable).pipe === 'function'
+}
+
+const EMPTY = Buffer.alloc(0)
+
+function toBuffer (payload: unknown): Buffer | undefined {
+  if (Buffer.isBuffer(payload)) return payload
+  if (typeof payload === 'string') return Buffer.from(payload)
+  if (payload === undefined || payload === null) return EMPTY
+  if (ArrayBuffer.isView(payload)) return Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength)
+  return undefined
+}
+
+/**
+ * The fastify-idempotency plugin: makes opted-in routes idempotent with the `Idempotency-Key` header.
+ *
+ * @example
+ * await app.register(idempotency, { cacheTtl: 3_600_000 })
+ * app.post('/orders', { config: { idempotency: true } }, createOrder)
+ */
+export const idempotency = fp(idempotencyPlugin, {
+  fastify: '5.x',
+  name: 'fastify-idempotency'
+})

@@ -1,0 +1,200 @@
+import Type from 'typebox'
+import { compileOptions, withDefault } from '../options-validator.js'
+import type {
+  IdempotencyRecord,
+  IdempotencyStore,
+  InsertResult,
+  NewRecord,
+  RecordState,
+  RecordUpdate,
+  StoredResponse
+} from './store.js'
+
+/** The logger methods the memory store uses; a Fastify/pino logger fits. */
+export interface WarningLogger {
+  warn (object: object, message: string): void
+}
+
+const MemoryStoreOptionsSchema = Type.Object({
+  maxBytes: Type.Optional(withDefault(Type.Integer({ minimum: 1024 }), 64 * 1024 * 1024)),
+  now: Type.Optional(Type.Unsafe<() => number>(Type.Function([], Type.Number()))),
+  logger: Type.Optional(Type.Unsafe<WarningLogger>(Type.Object({ warn: Type.Function([], Type.Any()) })))
+}, { additionalProperties: false })
+
+export interface MemoryStoreOptions {
+  /** Bytes of stored responses (bodies, headers and bookkeeping) kept at most. Default 64 MiB. */
+  maxBytes?: number
+  /** The clock, in ms since the epoch. Default `Date.now`. */
+  now?: () => number
+  /** Told when records are evicted to stay under `maxBytes`. */
+  logger?: WarningLogger
+}
+
+interface Entry {
+  state: RecordState
+  fingerprint: string
+  owner: string
+  expiresAt: number
+  leaseExpiresAt: number
+  response: StoredResponse | undefined
+  size: number
+}
+
+const validateOptions = compileOptions(MemoryStoreOptionsSchema, 'MemoryStore')
+const ENTRY_OVERHEAD = 160
+const INSERTED: InsertResult = Object.freeze({ inserted: true })
+const EVICTION_WARNING_INTERVAL = 60_000
+
+/**
+ * Keeps records in this process: for one instance, tests and development.
+ * Bounded by `maxBytes`: when full it evicts the oldest finished records, never in-flight ones.
+ *
+ * @example
+ * await app.register(idempotency, { store: new MemoryStore({ maxBytes: 16 * 1024 * 1024 }) })
+ */
+export class MemoryStore implements IdempotencyStore {
+  readonly maxBytes: number
+  #now: () => number
+  #logger: WarningLogger | undefined
+  // Map order is the eviction order: a record moves to the end when it completes.
+  #records = new Map<string, Entry>()
+  #bytes = 0
+  #evictedSinceWarning = 0
+  #lastWarningAt = -Infinity
+
+  constructor (options: MemoryStoreOptions = {}) {
+    const settings = validateOptions(options)
+    this.maxBytes = settings.maxBytes
+    this.#now = settings.now ?? Date.now
+    this.#logger = settings.logger
+  }
+
+  /** Bytes currently accounted to stored records. */
+  get size (): number {
+    return this.#bytes
+  }
+
+  /** Used by the plugin to give a store it created the app's logger. */
+  set logger (logger: WarningLogger) {
+    this.#logger = logger
+  }
+
+  async insert (key: string, record: NewRecord): Promise<InsertResult> {
+    const now = this.#now()
+    const existing = this.#records.get(key)
+    if (existing !== undefined) {
+      if (existing.expiresAt > now) {
+        const leaseExpired = existing.state === 'processing' && existing.leaseExpiresAt <= now
+        const takeOver = leaseExpired && record.takeOverExpiredLease && existing.fingerprint === record.fingerprint
+        if (!takeOver) return { inserted: false, record: toRecord(existing, leaseExpired) }
+      }
+      this.#remove(key, existing)
+    }
+    const size = ENTRY_OVERHEAD + key.length + record.fingerprint.length + record.owner.length
+    this.#records.set(key, {
+      state: 'processing',
+      fingerprint: record.fingerprint,
+      owner: record.owner,
+      expiresAt: record.expiresAt,
+      leaseExpiresAt: now + record.lease,
+      response: undefined,
+      size
+    })
+    this.#grow(size, now)
+    return INSERTED
+  }
+
+  async lookup (key: string): Promise<IdempotencyRecord | undefined> {
+    const now = this.#now()
+    const entry = this.#records.get(key)
+    if (entry === undefined || entry.expiresAt <= now) return undefined
+    return toRecord(entry, entry.state === 'processing' && entry.leaseExpiresAt <= now)
+  }
+
+  async update (key: string, owner: string, update: RecordUpdate): Promise<boolean> {
+    const now = this.#now()
+    const entry = this.#records.get(key)
+    if (entry === undefined || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= now) {
+      return false
+    }
+    if (update.state === 'processing') {
+      entry.leaseExpiresAt = now + update.lease
+      return true
+    }
+    entry.state = update.state
+    entry.expiresAt = update.expiresAt
+    if (update.state === 'completed') {
+      const added = responseSize(update.response)
+      entry.response = update.response
+      entry.size += added
+      this.#records.delete(key)
+      this.#records.set(key, entry)
+      this.#grow(added, now)
+    }
+    return true
+  }
+
+  async delete (key: string, owner: string): Promise<boolean> {
+    const entry = this.#records.get(key)
+    if (entry === undefined || entry.owner !== owner || entry.state !== 'processing') return false
+    this.#remove(key, entry)
+    return true
+  }
+
+  async prune (): Promise<number> {
+    const now = this.#now()
+    let removed = 0
+    for (const [key, entry] of this.#records) {
+      if (entry.expiresAt <= now) {
+        this.#remove(key, entry)
+        removed++
+      }
+    }
+    return removed
+  }
+
+  #remove (key: string, entry: Entry): void {
+    this.#records.delete(key)
+    this.#bytes -= entry.size
+  }
+
+  #grow (size: number, now: number): void {
+    this.#bytes += size
+    if (this.#bytes <= this.maxBytes) return
+    let evicted = 0
+    for (const [key, entry] of this.#records) {
+      if (this.#bytes <= this.maxBytes) break
+      if (entry.state !== 'processing' || entry.expiresAt <= now) {
+        this.#remove(key, entry)
+        evicted++
+      }
+    }
+    this.#evictedSinceWarning += evicted
+    if (this.#logger !== undefined && this.#evictedSinceWarning > 0 && now - this.#lastWarningAt >= EVICTION_WARNING_INTERVAL) {
+      this.#logger.warn(
+        { evicted: this.#evictedSinceWarning, maxBytes: this.maxBytes },
+        'idempotency memory store is full: evicted the oldest finished records'
+      )
+      this.#lastWarningAt = now
+      this.#evictedSinceWarning = 0
+    }
+  }
+}
+
+function toRecord (entry: Entry, leaseExpired: boolean): IdempotencyRecord {
+  return {
+    state: entry.state,
+    fingerprint: entry.fingerprint,
+    expiresAt: entry.expiresAt,
+    leaseExpired,
+    response: entry.response
+  }
+}
+
+function responseSize (response: StoredResponse): number {
+  let size = response.body.length
+  for (const name in response.headers) {
+    size += name.length + String(response.headers[name]).length
+  }
+  return size
+}

@@ -1,0 +1,81 @@
+/** Where a tracked request stands. */
+export type RecordState = 'processing' | 'completed' | 'halted'
+
+/** A response as it was sent: status, the headers worth replaying, and the body bytes. */
+export interface StoredResponse {
+  statusCode: number
+  /** Lower-case header names; what `reply.headers()` accepts. */
+  headers: Record<string, string | number | string[]>
+  body: Buffer
+}
+
+/** A record as a store hands it back. */
+export interface IdempotencyRecord {
+  state: RecordState
+  /** The fingerprint of the request that created the record. */
+  fingerprint: string
+  /** When the record disappears, in ms since the epoch. */
+  expiresAt: number
+  /**
+   * `processing` only: the owner's lease lapsed by the store's own clock, so the instance
+   * running the request is presumed dead.
+   */
+  leaseExpired: boolean
+  /** `completed` only. */
+  response?: StoredResponse
+}
+
+/** What `insert` writes when no live record holds the key. */
+export interface NewRecord {
+  fingerprint: string
+  /** A token naming the request that owns the record; only it may update or delete it. */
+  owner: string
+  /** When the record disappears, in ms since the epoch. */
+  expiresAt: number
+  /** The lease in ms, judged by the store's clock; renewed by updates in state `processing`. */
+  lease: number
+  /**
+   * When the key holds a `processing` record with the same fingerprint whose lease expired,
+   * replace it (the new request runs) instead of returning it.
+   */
+  takeOverExpiredLease: boolean
+}
+
+export type InsertResult =
+  | { inserted: true }
+  | { inserted: false, record: IdempotencyRecord }
+
+/** An owner's change to its `processing` record. */
+export type RecordUpdate =
+  | { state: 'completed', response: StoredResponse, expiresAt: number }
+  | { state: 'halted', expiresAt: number }
+  /** Renews the lease. */
+  | { state: 'processing', lease: number }
+
+/**
+ * A place to keep idempotency records, shared by every instance that must agree on them.
+ *
+ * Every method rejects when the store cannot answer; a store bounds its own calls in time,
+ * so that a request never waits on an unreachable store for long.
+ */
+export interface IdempotencyStore {
+  /**
+   * Atomically writes `record` in state `processing` unless a live record holds `key`,
+   * in which case that record is returned. Two callers racing on one key never both insert.
+   * Expired records count as absent.
+   */
+  insert (key: string, record: NewRecord): Promise<InsertResult>
+  /** The live record under `key`, if any. */
+  lookup (key: string): Promise<IdempotencyRecord | undefined>
+  /**
+   * Applies `update` when `key` holds a `processing` record owned by `owner`; resolves
+   * `false` (and changes nothing) otherwise, e.g. when the owner's key was taken over.
+   */
+  update (key: string, owner: string, update: RecordUpdate): Promise<boolean>
+  /** Deletes the `processing` record under `key` when `owner` owns it; resolves whether it did. */
+  delete (key: string, owner: string): Promise<boolean>
+  /** Removes expired records; resolves how many it removed. */
+  prune (): Promise<number>
+  /** Releases what the store itself opened; clients passed in by the caller stay open. */
+  close? (): Promise<void>
+}

@@ -1,0 +1,149 @@
+import { randomUUID } from 'node:crypto'
+import type { IdempotencyStore, StoredResponse } from './stores/store.js'
+
+/** What `track` found, and so what the request should get. */
+export type TrackResult =
+  /** No live record: this request owns the new one and runs the handler. */
+  | { status: 'created', owner: string, expiresAt: number }
+  /** The first request completed: replay its response. */
+  | { status: 'completed', response: StoredResponse, expiresAt: number }
+  /** The first request is still running. */
+  | { status: 'processing', expiresAt: number }
+  /** The first request failed or its instance died: its outcome is unknown. */
+  | { status: 'halted', expiresAt: number }
+  /** The key was used with a different fingerprint. */
+  | { status: 'mismatch', expiresAt: number }
+
+export interface TrackOptions {
+  /** ms a record lives after it completes. */
+  cacheTtl: number
+  /** Lease of the in-flight request, in ms; renewed while it runs. */
+  processingTtl: number
+  /** Take over a record whose owner's lease expired, instead of reporting it halted. */
+  releaseOnError: boolean
+}
+
+/** Reports failures of background work (lease renewal, prune). */
+export interface TrackerLogger {
+  warn (object: object, message: string): void
+}
+
+interface Lease {
+  key: string
+  lease: number
+  renewAt: number
+}
+
+/**
+ * Tracks requests so that each keyed request is processed at most once: the first `track`
+ * of a key creates a record this tracker owns, later ones see its state. While an owned
+ * request runs, its lease is renewed, so a record whose lease expired belongs to a dead
+ * instance. The tracker knows nothing of HTTP; the plugin maps its results to responses.
+ *
+ * @example
+ * const result = await tracker.track(key, fingerprint, options)
+ * if (result.status === 'created') {
+ *   await tracker.putResponse(key, result.owner, response, options.cacheTtl)
+ * }
+ */
+export class RequestTracker {
+  readonly store: IdempotencyStore
+  #logger: TrackerLogger
+  #leases = new Map<string, Lease>()
+  #renewTimer: NodeJS.Timeout | undefined
+  #renewEvery = Infinity
+
+  constructor (store: IdempotencyStore, logger: TrackerLogger) {
+    this.store = store
+    this.#logger = logger
+  }
+
+  /** Looks the key up and, when no live record holds it, atomically creates one owned by this request. */
+  async track (key: string, fingerprint: string, options: TrackOptions): Promise<TrackResult> {
+    const owner = randomUUID()
+    const now = Date.now()
+    const expiresAt = now + options.cacheTtl
+    const result = await this.store.insert(key, {
+      fingerprint,
+      owner,
+      expiresAt,
+      lease: options.processingTtl,
+      takeOverExpiredLease: options.releaseOnError
+    })
+    if (result.inserted) {
+      this.#watch(owner, key, options.processingTtl, now)
+      return { status: 'created', owner, expiresAt }
+    }
+    const record = result.record
+    if (record.fingerprint !== fingerprint) return { status: 'mismatch', expiresAt: record.expiresAt }
+    if (record.state === 'completed') {
+      return { status: 'completed', response: record.response as StoredResponse, expiresAt: record.expiresAt }
+    }
+    if (record.state === 'processing' && !record.leaseExpired) return { status: 'processing', expiresAt: record.expiresAt }
+    return { status: 'halted', expiresAt: record.expiresAt }
+  }
+
+  /** Stores the response of an owned request; resolves whether the store took it. */
+  async putResponse (key: string, owner: string, response: StoredResponse, expiresAt: number): Promise<boolean> {
+    this.#leases.delete(owner)
+    return await this.store.update(key, owner, { state: 'completed', response, expiresAt })
+  }
+
+  /** Marks an owned request halted: its outcome is unknown, and retries are told so. */
+  async halt (key: string, owner: string, expiresAt: number): Promise<boolean> {
+    this.#leases.delete(owner)
+    return await this.store.update(key, owner, { state: 'halted', expiresAt })
+  }
+
+  /** Deletes an owned request's record, so that a retry runs the handler again. */
+  async release (key: string, owner: string): Promise<boolean> {
+    this.#leases.delete(owner)
+    return await this.store.delete(key, owner)
+  }
+
+  /** Stops renewing an owned request's lease, e.g. when saving its response failed. */
+  forget (owner: string): void {
+    this.#leases.delete(owner)
+  }
+
+  /** Removes expired records from the store. */
+  async prune (): Promise<number> {
+    return await this.store.prune()
+  }
+
+  /** Stops renewing leases; records of requests still running will expire with their lease. */
+  close (): void {
+    clearInterval(this.#renewTimer)
+    this.#renewTimer = undefined
+    this.#leases.clear()
+  }
+
+  #watch (owner: string, key: string, lease: number, now: number): void {
+    // One timer for all in-flight requests instead of one per request. A lease is renewed
+    // after a third of it has passed; the timer ticks every sixth of the shortest lease seen,
+    // so a renewal is sent at the latest half-way through the lease.
+    this.#leases.set(owner, { key, lease, renewAt: now + lease / 3 })
+    const every = Math.max(1, Math.floor(lease / 6))
+    if (every < this.#renewEvery || this.#renewTimer === undefined) {
+      this.#renewEvery = Math.min(every, this.#renewEvery)
+      clearInterval(this.#renewTimer)
+      this.#renewTimer = setInterval(() => { this.#renew() }, this.#renewEvery).unref()
+    }
+  }
+
+  #renew (): void {
+    const now = Date.now()
+    for (const [owner, entry] of this.#leases) {
+      if (entry.renewAt > now) continue
+      entry.renewAt = now + entry.lease / 3
+      this.store.update(entry.key, owner, { state: 'processing', lease: entry.lease }).then((renewed) => {
+        if (!renewed && this.#leases.delete(owner)) {
+          this.#logger.warn({ key: entry.key }, 'idempotency lease lost: the record was taken over or expired')
+        }
+      }, (error: unknown) => {
+        entry.renewAt = 0
+        this.#logger.warn({ err: error, key: entry.key }, 'idempotency lease renewal failed; retrying')
+      })
+    }
+  }
+}
