@@ -101,7 +101,8 @@ function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOption
     const routeMethods = Array.isArray(route.method) ? route.method : [route.method]
     const methods = routeMethods.filter((method) => trackedMethods.has(method))
     if (methods.length === 0) {
-      if (config === undefined) return
+      // Fastify copies a GET route's config to the HEAD route it adds: that HEAD did not opt in.
+      if (config === undefined || (routeMethods.length === 1 && routeMethods[0] === 'HEAD')) return
       throw new InvalidOptionError(
         `route ${where} opts in to idempotency, but none of its methods is in methods (${settings.methods.join(', ')})`
       )
@@ -180,6 +181,13 @@ function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOption
         return
       }
       ;(request as TrackedRequest)[kOwnedRecord] = undefined
+      if (isWebResponse(payload)) {
+        // Fastify applies a Response's status and headers after onSend; apply them now so
+        // that they are what gets stored. Fastify applying them again changes nothing.
+        reply.code(payload.status)
+        for (const [name, value] of payload.headers) reply.header(name, value)
+        payload = payload.body
+      }
       if (reply.statusCode >= 500) {
         settleFailure(request, owned, 'the handler failed').then(() => { next(null, payload) })
         return
@@ -193,7 +201,9 @@ function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOption
       }
       const body = toBuffer(payload)
       if (body === undefined) {
-        settleFailure(request, owned, 'the response body is of a type that cannot be stored').then(() => { next(null, payload) })
+        // Fastify rejects such a payload itself, synchronously: let it.
+        void settleFailure(request, owned, 'the response body is of a type that cannot be stored')
+        next(null, payload)
         return
       }
       if (body.length > owned.route.maxResponseSize) {
@@ -319,14 +329,20 @@ function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOption
   }
 
   function fail (request: FastifyRequest, reply: FastifyReply, error: Error, next: HookHandlerDoneFunction): void {
-    if (!settings.problemDetails || !('toProblemDetails' in error)) {
+    if (!('toProblemDetails' in error)) {
       next(error)
       return
     }
     const problem = error as IdempotencyError
+    // Set here rather than left to Fastify's default error handler, so that an app's own
+    // error handler answers with Retry-After too.
+    if (problem.headers !== undefined) reply.headers(problem.headers)
+    if (!settings.problemDetails) {
+      next(error)
+      return
+    }
     const url = request.url
     const query = url.indexOf('?')
-    if (problem.headers !== undefined) reply.headers(problem.headers)
     reply
       .code(problem.statusCode)
       .type('application/problem+json')
@@ -355,6 +371,10 @@ function withoutRegisterOptions (options: IdempotencyOptions): unknown {
 function append<Hook> (hooks: Hook | Hook[] | undefined, hook: Hook): Hook[] {
   if (hooks === undefined) return [hook]
   return Array.isArray(hooks) ? [...hooks, hook] : [hooks, hook]
+}
+
+function isWebResponse (payload: unknown): payload is Response {
+  return payload !== null && typeof payload === 'object' && Object.prototype.toString.call(payload) === '[object Response]'
 }
 
 function isReadable (payload: unknown): payload is Readable {

@@ -1,0 +1,82 @@
+import t from 'tap'
+import { MemoryStore, RequestTracker } from '../lib/index.js'
+import { FaultyStore } from './helpers/stores.js'
+
+interface Warning { object: object, message: string }
+
+function recordingLogger () {
+  const warnings: Warning[] = []
+  return { warnings, warn: (object: object, message: string) => { warnings.push({ object, message }) } }
+}
+
+const options = { cacheTtl: 60_000, processingTtl: 30, releaseOnError: false }
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
+t.test('track creates a record owned by the caller, then reports what later callers should get', async (t) => {
+  const tracker = new RequestTracker(new MemoryStore(), recordingLogger())
+  const created = await tracker.track('k', 'fp', options)
+  t.equal(created.status, 'created')
+  t.match(created, { owner: /^[0-9a-f-]{36}$/ })
+  t.same(await tracker.track('k', 'fp', options), { status: 'processing', expiresAt: created.expiresAt })
+  t.same(await tracker.track('k', 'other', options), { status: 'mismatch', expiresAt: created.expiresAt })
+  const response = { statusCode: 201, headers: { 'content-type': 'text/plain' }, body: Buffer.from('done') }
+  t.equal(await tracker.putResponse('k', (created as { owner: string }).owner, response, created.expiresAt + 1), true)
+  t.same(await tracker.track('k', 'fp', options), { status: 'completed', response, expiresAt: created.expiresAt + 1 })
+  tracker.close()
+})
+
+t.test('only the owner can complete, halt or release a record', async (t) => {
+  const tracker = new RequestTracker(new MemoryStore(), recordingLogger())
+  const created = await tracker.track('k', 'fp', options) as { owner: string, expiresAt: number }
+  const response = { statusCode: 200, headers: {}, body: Buffer.alloc(0) }
+  t.equal(await tracker.putResponse('k', 'stranger', response, created.expiresAt), false)
+  t.equal(await tracker.halt('k', 'stranger', created.expiresAt), false)
+  t.equal(await tracker.release('k', 'stranger'), false)
+  t.equal(await tracker.halt('k', created.owner, created.expiresAt), true)
+  t.same(await tracker.track('k', 'fp', options), { status: 'halted', expiresAt: created.expiresAt })
+  tracker.close()
+})
+
+t.test('renews the lease of a running request and stops when it ends', async (t) => {
+  const store = new FaultyStore()
+  const tracker = new RequestTracker(store, recordingLogger())
+  const created = await tracker.track('k', 'fp', options) as { owner: string, expiresAt: number }
+  await sleep(80)
+  const renewals = store.calls.filter((call) => call.operation === 'update' && call.state === 'processing').length
+  t.ok(renewals >= 2, `renewed ${renewals} times in 80 ms with a 30 ms lease`)
+  t.equal((await tracker.track('k', 'fp', options)).status, 'processing', 'the lease is live')
+  await tracker.halt('k', created.owner, created.expiresAt)
+  const after = store.calls.length
+  await sleep(40)
+  t.equal(store.calls.filter((call, index) => index >= after && call.operation === 'update').length, 0, 'no renewal once settled')
+  tracker.close()
+})
+
+t.test('retries a failed renewal and warns', async (t) => {
+  const store = new FaultyStore()
+  const logger = recordingLogger()
+  const tracker = new RequestTracker(store, logger)
+  await tracker.track('k', 'fp', options)
+  store.failing.add('update')
+  await sleep(50)
+  const failures = logger.warnings.filter((warning) => warning.message.includes('renewal failed'))
+  t.ok(failures.length >= 2, `warned ${failures.length} times`)
+  tracker.close()
+})
+
+t.test('stops renewing and warns when the lease was lost to another owner', async (t) => {
+  const store = new FaultyStore()
+  const logger = recordingLogger()
+  const tracker = new RequestTracker(store, logger)
+  const first = await tracker.track('k', 'fp', options) as { owner: string }
+  // another instance took the key over: the record now belongs to someone else
+  await store.inner.delete('k', first.owner)
+  await store.inner.insert('k', { fingerprint: 'fp', owner: 'other', expiresAt: Date.now() + 60_000, lease: 60_000, takeOverExpiredLease: false })
+  await sleep(60)
+  const lost = logger.warnings.filter((warning) => warning.message.includes('lease lost'))
+  t.equal(lost.length, 1, 'warned once')
+  const renewals = store.calls.filter((call) => call.operation === 'update').length
+  await sleep(40)
+  t.equal(store.calls.filter((call) => call.operation === 'update').length, renewals, 'and stopped renewing')
+  tracker.close()
+})
