@@ -174,6 +174,16 @@ function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOption
       next()
     })
 
+    // A hijacked reply skips onSend: settle its record once the response is finished.
+    route.onResponse = append(route.onResponse, function settleUnsent (request: FastifyRequest, _reply: FastifyReply, next: () => void) {
+      const owned = (request as TrackedRequest)[kOwnedRecord]
+      if (owned !== undefined) {
+        ;(request as TrackedRequest)[kOwnedRecord] = undefined
+        void haltUnstored(request, owned, 'the response bypassed onSend (hijacked) and was not stored', {})
+      }
+      next()
+    })
+
     route.onSend = append(route.onSend, function saveResponse (request: FastifyRequest, reply: FastifyReply, payload: unknown, next: (error: null, payload: unknown) => void) {
       const owned = (request as TrackedRequest)[kOwnedRecord]
       if (owned === undefined) {
@@ -289,15 +299,21 @@ function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOption
     }
   }
 
-  async function haltOversized (request: FastifyRequest, owned: OwnedRecord, size: number): Promise<void> {
+  // For responses that were sent but cannot be stored: the handler did its work, so even with
+  // releaseOnError the record is halted rather than released for a second run.
+  async function haltUnstored (request: FastifyRequest, owned: OwnedRecord, reason: string, details: object): Promise<void> {
     try {
       await tracker.halt(owned.key, owned.owner, Date.now() + owned.route.track.cacheTtl)
-      request.log.warn({ size, maxResponseSize: owned.route.maxResponseSize },
-        'idempotency record halted: the response is larger than maxResponseSize and is not stored')
+      request.log.warn(details, `idempotency record halted: ${reason}`)
     } catch (error) {
       tracker.forget(owned.owner)
-      request.log.error({ err: error }, 'idempotency store failed while settling an oversized response')
+      request.log.error({ err: error }, 'idempotency store failed while halting a response it could not store')
     }
+  }
+
+  function haltOversized (request: FastifyRequest, owned: OwnedRecord, size: number): Promise<void> {
+    return haltUnstored(request, owned, 'the response is larger than maxResponseSize and is not stored',
+      { size, maxResponseSize: owned.route.maxResponseSize })
   }
 
   // The stream is stored as it is sent: the client's bytes pass through, a copy is kept up to

@@ -333,3 +333,24 @@ t.test('stores typed-array responses', async (t) => {
   t.equal(replay.headers['idempotent-replayed'], 'true')
   await app.close()
 })
+
+t.test('halts the record of a hijacked reply once its response is finished', async (t) => {
+  const logs = logCollector()
+  const app = Fastify({ logger: { level: 'warn', stream: logs.stream } })
+  await app.register(idempotency, { releaseOnError: true })
+  let runs = 0
+  app.post('/raw', { config: { idempotency: true } }, async (request, reply) => {
+    runs++
+    reply.hijack()
+    reply.raw.writeHead(200, { 'content-type': 'text/plain' })
+    reply.raw.end('written by hand')
+  })
+  const first = await app.inject({ method: 'POST', url: '/raw', headers: key('k'), payload: {} })
+  t.equal(first.body, 'written by hand')
+  await new Promise((resolve) => setTimeout(resolve, 10))
+  const retry = await app.inject({ method: 'POST', url: '/raw', headers: key('k'), payload: {} })
+  t.same(retry.json(), halted, 'halted, not released: the handler did its work')
+  t.ok(logs.find(40, 'hijacked'))
+  t.equal(runs, 1)
+  await app.close()
+})

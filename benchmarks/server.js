@@ -1,0 +1,28 @@
+// One benchmark server in its own process: `node benchmarks/server.js <bare|memory>`.
+// It reports its port over IPC and answers { cpu } with its own CPU time, so the runner measures
+// only this process's work, not autocannon's.
+import Fastify from 'fastify'
+import idempotency from '../dist/index.js'
+
+const variant = process.argv[2] ?? 'bare'
+const app = Fastify({ logger: false })
+
+if (variant !== 'bare') {
+  await app.register(idempotency, { store: await storeFor(variant), required: false })
+}
+
+app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
+  return reply.code(201).send({ id: 'ord_1', amount: request.body.amount, status: 'created' })
+})
+
+await app.listen({ host: '127.0.0.1', port: 0 })
+process.send({ port: app.server.address().port })
+process.on('message', (message) => {
+  if (message === 'cpu') process.send({ cpu: process.cpuUsage() })
+  if (message === 'stop') app.close().then(() => process.exit(0))
+})
+
+async function storeFor (name) {
+  if (name === 'memory') return undefined
+  throw new Error(`unknown benchmark variant ${name}`)
+}
