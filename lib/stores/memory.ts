@@ -129,14 +129,16 @@ export class MemoryStore implements IdempotencyStore {
       entry.size += added
       this.#records.delete(key)
       this.#records.set(key, entry)
-      this.#grow(added, now)
+      this.#grow(added, now, entry)
     }
     return true
   }
 
   async delete (key: string, owner: string): Promise<boolean> {
     const entry = this.#records.get(key)
-    if (entry === undefined || entry.owner !== owner || entry.state !== 'processing') return false
+    if (entry === undefined || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= this.#now()) {
+      return false
+    }
     this.#remove(key, entry)
     return true
   }
@@ -158,13 +160,17 @@ export class MemoryStore implements IdempotencyStore {
     this.#bytes -= entry.size
   }
 
-  #grow (size: number, now: number): void {
+  // `keep` is the record that just grew: it is never evicted, even when it alone is larger than
+  // maxBytes, because losing a response that was just sent would let a retry run the handler again.
+  #grow (size: number, now: number, keep?: Entry): void {
     this.#bytes += size
     if (this.#bytes <= this.maxBytes) return
     let evicted = 0
     for (const [key, entry] of this.#records) {
       if (this.#bytes <= this.maxBytes) break
-      if (entry.state !== 'processing' || entry.expiresAt <= now) {
+      if (entry.expiresAt <= now) {
+        this.#remove(key, entry)
+      } else if (entry.state !== 'processing' && entry !== keep) {
         this.#remove(key, entry)
         evicted++
       }
