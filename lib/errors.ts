@@ -29,7 +29,7 @@ export interface IdempotencyErrorConstructor<Args extends unknown[] = []> {
   readonly prototype: IdempotencyError
 }
 
-function define<Args extends unknown[]> (
+function define<Args extends unknown[] = []> (
   code: string,
   statusCode: number,
   slug: string,

@@ -1,4 +1,4 @@
-import type { Static, TObject, TProperties, TSchema } from 'typebox'
+import type { Static, TObject, TSchema } from 'typebox'
 import { Compile } from 'typebox/compile'
 import { InvalidOptionError } from './errors.js'
 
@@ -9,25 +9,35 @@ interface OptionError {
   params: unknown
 }
 
+/** How a set of options is named in error messages. */
+export interface OptionsLabel {
+  /** The options as a whole: `plugin`, `MemoryStore`, `config.idempotency`. */
+  subject: string
+  /** Put before an option's name: `''`, or `config.idempotency.` for a route's options. */
+  prefix: string
+}
+
+export type OptionsValidator<Schema extends TObject> =
+  (value: unknown, context?: string) => Static<Schema> & Defaulted<Schema>
+
 /**
  * Compiles an options schema into a function that checks a value, fills in the schema's
- * defaults and throws `InvalidOptionError` naming the first bad option and its rule.
+ * defaults and throws `InvalidOptionError` naming the first bad option and its rule
+ * (after `context`, e.g. the route, when given). A property's `description`, where the schema
+ * has one, states its rule better than the keyword that failed (a union, a pattern).
  */
-export function compileOptions<Schema extends TObject> (
-  schema: Schema,
-  label: string
-): (value: unknown) => Static<Schema> & Defaulted<Schema> {
+export function compileOptions<Schema extends TObject> (schema: Schema, label: OptionsLabel): OptionsValidator<Schema> {
   const validator = Compile(schema)
-  const defaults = Object.entries(schema.properties as TProperties)
+  const defaults = Object.entries(schema.properties)
     .filter(([, property]) => 'default' in property)
     .map(([name, property]) => [name, (property as TSchema & { default: unknown }).default] as const)
 
-  return function validate (value) {
+  return function validate (value, context = '') {
     if (value === null || typeof value !== 'object' || Array.isArray(value)) {
-      throw new InvalidOptionError(`${label} options must be an object`)
+      throw new InvalidOptionError(`${context}${label.subject} options must be an object`)
     }
     if (!validator.Check(value)) {
-      throw new InvalidOptionError(describe(schema, label, [...validator.Errors(value)] as OptionError[]))
+      throw new InvalidOptionError(context + describe(schema, label, [...validator.Errors(value)] as OptionError[]))
     }
     const settings: Record<string, unknown> = { ...value }
     for (const [name, fallback] of defaults) {
@@ -51,21 +61,25 @@ export type Defaulted<Schema extends TObject> = {
   Exclude<Static<Schema>[Name & keyof Static<Schema>], undefined>
 }
 
-function describe (schema: TObject, label: string, errors: OptionError[]): string {
+function describe (schema: TObject, label: OptionsLabel, errors: OptionError[]): string {
   const unknown = errors.find((error) => error.keyword === 'additionalProperties')
   if (unknown !== undefined) {
     const names = (unknown.params as { additionalProperties: string[] }).additionalProperties
-    const where = unknown.instancePath === '' ? label : `${label} ${toName(unknown.instancePath)}`
-    return `${where} has unknown option${names.length > 1 ? 's' : ''} ${names.map((name) => `'${name}'`).join(', ')}`
+    const plural = names.length > 1 ? 's' : ''
+    return `${label.subject} has unknown option${plural} ${names.map((name) => `'${name}'`).join(', ')}`
   }
-  const first = errors.find((error) => error.instancePath !== '') ?? errors[0] as OptionError
-  const name = toName(first.instancePath)
-  if (errors.some((error) => error.keyword === 'anyOf' && error.instancePath === first.instancePath)) {
-    const property = (schema.properties as TProperties)[name.split(/[.[]/)[0] as string]
-    const description = (property as { description?: string } | undefined)?.description
-    if (description !== undefined) return `${name} must be ${description}`
+  const first = errors.find((error) => error.instancePath !== '') as OptionError
+  const name = label.prefix + toName(first.instancePath)
+  const description = schemaAt(schema, first.instancePath)?.description
+  return description === undefined ? `${name} ${first.message}` : `${name} must be ${description}`
+}
+
+function schemaAt (schema: TSchema, instancePath: string): { description?: string } | undefined {
+  let current: (TSchema & { properties?: Record<string, TSchema>, items?: TSchema }) | undefined = schema
+  for (const part of instancePath.slice(1).split('/')) {
+    current = /^\d+$/.test(part) ? current?.items : current?.properties?.[part]
   }
-  return `${name} ${first.message}`
+  return current as { description?: string } | undefined
 }
 
 function toName (instancePath: string): string {

@@ -17,7 +17,7 @@ const Store = Type.Unsafe<IdempotencyStore>(Type.Object(
 ))
 
 // A token (RFC 9110), lower case as Node gives header names.
-const HEADER_NAME = "^[!#$%&'*+.^_`|~0-9a-z-]+$"
+const HeaderName = Type.String({ pattern: "^[!#$%&'*+.^_`|~0-9a-z-]+$", description: 'a header name in lower case' })
 
 export const HOP_BY_HOP_HEADERS = [
   'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization', 'proxy-connection',
@@ -43,9 +43,9 @@ export const PluginOptionsSchema = Type.Object({
   store: Type.Optional(Type.Union([Store], {
     description: `an IdempotencyStore (an object with ${storeMethods.join(', ')})`
   })),
-  header: Type.Optional(withDefault(Type.String({ pattern: HEADER_NAME }), 'idempotency-key')),
+  header: Type.Optional(withDefault(HeaderName, 'idempotency-key')),
   methods: Type.Optional(withDefault(
-    Type.Array(Type.String({ pattern: '^[A-Z]+$' }), { minItems: 1, uniqueItems: true }),
+    Type.Array(Type.String({ pattern: '^[A-Z]+$', description: 'an HTTP method in upper case' }), { minItems: 1, uniqueItems: true }),
     ['POST', 'PATCH']
   )),
   global: Type.Optional(withDefault(Type.Boolean(), false)),
@@ -56,7 +56,7 @@ export const PluginOptionsSchema = Type.Object({
   maxResponseSize: Type.Optional(withDefault(Type.Integer({ minimum: 0 }), 1024 * 1024)),
   releaseOnError: Type.Optional(withDefault(Type.Boolean(), false)),
   excludeHeaders: Type.Optional(withDefault(
-    Type.Array(Type.String({ pattern: HEADER_NAME })),
+    Type.Array(HeaderName),
     [...HOP_BY_HOP_HEADERS, 'date', 'content-length', 'set-cookie']
   )),
   problemDetails: Type.Optional(withDefault(Type.Boolean(), false))
@@ -65,6 +65,6 @@ export const PluginOptionsSchema = Type.Object({
 export type IdempotencyOptions = Static<typeof PluginOptionsSchema>
 export type IdempotencyRouteOptions = Static<typeof RouteOptionsSchema>
 
-export const validatePluginOptions = compileOptions(PluginOptionsSchema, 'plugin')
-export const validateRouteOptions = compileOptions(RouteOptionsSchema, 'route')
+export const validatePluginOptions = compileOptions(PluginOptionsSchema, { subject: 'plugin', prefix: '' })
+export const validateRouteOptions = compileOptions(RouteOptionsSchema, { subject: 'config.idempotency', prefix: 'config.idempotency.' })
 export type PluginSettings = ReturnType<typeof validatePluginOptions>

@@ -67,7 +67,7 @@ const kOwnedRecord = Symbol('fastify-idempotency.owned-record')
 type TrackedRequest = FastifyRequest & { [kOwnedRecord]: OwnedRecord | undefined }
 const REGISTER_OPTIONS = new Set(['prefix', 'logLevel', 'logSerializers'])
 
-function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOptions, done: (error?: Error) => void): void {
+async function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOptions): Promise<void> {
   const settings = validatePluginOptions(withoutRegisterOptions(options))
   const store = settings.store ?? new MemoryStore({ logger: fastify.log })
   const tracker = new RequestTracker(store, fastify.log)
@@ -95,7 +95,7 @@ function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOption
     const config = route.config?.idempotency
     if (config === false || (config === undefined && !settings.global)) return
     const where = `${String(route.method)} ${route.url}`
-    if (config !== undefined && config !== true && (typeof config !== 'object' || config === null)) {
+    if (config !== undefined && config !== true && (typeof config !== 'object' || config === null || Array.isArray(config))) {
       throw new InvalidOptionError(`route ${where}: config.idempotency must be a boolean or an object`)
     }
     const routeMethods = Array.isArray(route.method) ? route.method : [route.method]
@@ -107,14 +107,7 @@ function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOption
         `route ${where} opts in to idempotency, but none of its methods is in methods (${settings.methods.join(', ')})`
       )
     }
-    let overrides: IdempotencyRouteOptions = {}
-    if (typeof config === 'object') {
-      try {
-        overrides = validateRouteOptions(config)
-      } catch (error) {
-        throw new InvalidOptionError(`route ${where}: ${(error as Error).message.replace(/^.*?: route /, 'config.idempotency ')}`)
-      }
-    }
+    const overrides: IdempotencyRouteOptions = typeof config === 'object' ? validateRouteOptions(config, `route ${where}: `) : {}
     attach(route, {
       required: overrides.required ?? settings.required,
       scope: overrides.scope ?? settings.scope,
@@ -371,12 +364,10 @@ function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOption
         code: problem.code
       }))
   }
-
-  done()
 }
 
 function withoutRegisterOptions (options: IdempotencyOptions): unknown {
-  if (options === null || typeof options !== 'object') return options
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) return options
   const plugin: Record<string, unknown> = {}
   for (const [name, value] of Object.entries(options)) {
     if (!REGISTER_OPTIONS.has(name)) plugin[name] = value
@@ -403,7 +394,6 @@ function toBuffer (payload: unknown): Buffer | undefined {
   if (Buffer.isBuffer(payload)) return payload
   if (typeof payload === 'string') return Buffer.from(payload)
   if (payload === undefined || payload === null) return EMPTY
-  if (ArrayBuffer.isView(payload)) return Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength)
   return undefined
 }
 

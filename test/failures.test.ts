@@ -354,3 +354,16 @@ t.test('halts the record of a hijacked reply once its response is finished', asy
   t.equal(runs, 1)
   await app.close()
 })
+
+t.test('logs a store failure while halting an oversized response and still answers', async (t) => {
+  const store = new FaultyStore()
+  const logs = logCollector()
+  const app = Fastify({ logger: { level: 'error', stream: logs.stream } })
+  await app.register(idempotency, { store, maxResponseSize: 1 })
+  app.post('/big', { config: { idempotency: true } }, async () => 'too big')
+  store.failing.add('update')
+  const response = await app.inject({ method: 'POST', url: '/big', headers: key('k'), payload: {} })
+  t.equal(response.body, 'too big')
+  t.ok(logs.find(50, 'failed while halting a response it could not store'))
+  await app.close()
+})

@@ -244,6 +244,17 @@ t.test('keys of different scopes never meet; the scope can read what route hooks
   await app.close()
 })
 
+t.test('a synchronous scope separates keys too', async (t) => {
+  const app = await buildApp({ scope: (request) => request.headers['x-tenant'] as string })
+  let runs = 0
+  app.post('/orders', { config: { idempotency: true } }, async () => ({ runs: ++runs }))
+  const send = (tenant: string) => app.inject({ method: 'POST', url: '/orders', headers: { ...key('k'), 'x-tenant': tenant }, payload: {} })
+  t.same((await send('acme')).json(), { runs: 1 })
+  t.same((await send('globex')).json(), { runs: 2 })
+  t.same((await send('acme')).json(), { runs: 1 })
+  await app.close()
+})
+
 t.test('a scope that returns no string fails the request without running the handler', async (t) => {
   const app = await buildApp({ scope: () => undefined as unknown as string })
   let runs = 0

@@ -40,7 +40,7 @@ interface Entry {
   size: number
 }
 
-const validateOptions = compileOptions(MemoryStoreOptionsSchema, 'MemoryStore')
+const validateOptions = compileOptions(MemoryStoreOptionsSchema, { subject: 'MemoryStore', prefix: '' })
 const ENTRY_OVERHEAD = 160
 const INSERTED: InsertResult = Object.freeze({ inserted: true })
 const EVICTION_WARNING_INTERVAL = 60_000
