@@ -1,4 +1,4 @@
-import { createHash, type Hash } from 'node:crypto'
+import { createHash, hash, type Hash } from 'node:crypto'
 
 const QUOTE = 0x22
 const BACKSLASH = 0x5c
@@ -56,23 +56,20 @@ export function countHeaderLines (rawHeaders: readonly string[], name: string): 
  */
 export function storageKey (scope: string, method: string, path: string, key: string): string {
   // The scope is length-prefixed because it is the one part that may contain any character.
-  return createHash('sha256').update(`${scope.length}:${scope}\n${method}\n${path}\n${key}`).digest('base64url')
+  return hash('sha256', `${scope.length}:${scope}\n${method}\n${path}\n${key}`, 'base64url')
 }
 
 const FLUSH_AT = 4096
 
 /**
  * Hashes a value in a canonical form: object keys sorted, `toJSON` honoured, buffers hashed as
- * bytes. Two payloads that differ only in key order have the same fingerprint. Large values are
- * fed to the hash in chunks, never built into one string.
+ * bytes. Two payloads that differ only in key order have the same fingerprint. A small value is
+ * hashed in one call; a large one is fed to an incremental hash in chunks, never built into one
+ * string.
  */
 export class Fingerprint {
-  #hash: Hash
+  #hash: Hash | undefined
   #pending = ''
-
-  constructor () {
-    this.#hash = createHash('sha256')
-  }
 
   add (value: unknown): this {
     this.#write(value)
@@ -80,8 +77,15 @@ export class Fingerprint {
   }
 
   digest (): string {
-    if (this.#pending.length > 0) this.#hash.update(this.#pending)
-    return this.#hash.digest('base64url')
+    if (this.#hash === undefined) return hash('sha256', this.#pending, 'base64url')
+    return this.#hash.update(this.#pending).digest('base64url')
+  }
+
+  #flush (): Hash {
+    this.#hash ??= createHash('sha256')
+    this.#hash.update(this.#pending)
+    this.#pending = ''
+    return this.#hash
   }
 
   #write (value: unknown): void {
@@ -106,9 +110,7 @@ export class Fingerprint {
       this.#text('null')
     } else if (Buffer.isBuffer(value) || value instanceof Uint8Array) {
       this.#text(`b${value.length}:`)
-      this.#hash.update(this.#pending)
-      this.#pending = ''
-      this.#hash.update(value)
+      this.#flush().update(value)
     } else if (Array.isArray(value)) {
       this.#text('[')
       for (let index = 0; index < value.length; index++) {
@@ -140,10 +142,7 @@ export class Fingerprint {
 
   #text (text: string): void {
     this.#pending += text
-    if (this.#pending.length >= FLUSH_AT) {
-      this.#hash.update(this.#pending)
-      this.#pending = ''
-    }
+    if (this.#pending.length >= FLUSH_AT) this.#flush()
   }
 }
 

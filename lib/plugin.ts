@@ -1,3 +1,4 @@
+import { isUtf8 } from 'node:buffer'
 import { pipeline, Readable, Transform } from 'node:stream'
 import fp from 'fastify-plugin'
 import type {
@@ -196,7 +197,7 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
         return
       }
       const expiresAt = Date.now() + owned.route.track.cacheTtl
-      reply.header('expires', new Date(expiresAt).toUTCString())
+      reply.header('expires', httpDate(expiresAt))
       if (isReadable(payload) || payload instanceof ReadableStream) {
         const source = payload instanceof ReadableStream ? Readable.fromWeb(payload as never) : payload
         next(null, captureStream(request, reply, owned, source, expiresAt))
@@ -209,11 +210,13 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
         next(null, payload)
         return
       }
+      // The payload itself goes on: Node sends a string with its headers in one write, which
+      // costs less than the two-part write of a Buffer.
       if (body.length > owned.route.maxResponseSize) {
-        haltOversized(request, owned, body.length).then(() => { next(null, body) })
+        haltOversized(request, owned, body.length).then(() => { next(null, payload) })
         return
       }
-      saveCompleted(request, owned, response(reply, body), expiresAt).then(() => { next(null, body) })
+      saveCompleted(request, owned, response(reply, body), expiresAt).then(() => { next(null, payload) })
     })
   }
 
@@ -257,7 +260,7 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     reply.code(stored.statusCode)
     reply.headers(stored.headers)
     reply.header('idempotent-replayed', 'true')
-    reply.send(stored.body.length === 0 ? undefined : stored.body)
+    reply.send(replayBody(stored.body))
   }
 
   function response (reply: FastifyReply, body: Buffer): StoredResponse {
@@ -388,7 +391,27 @@ function isReadable (payload: unknown): payload is Readable {
   return payload !== null && typeof payload === 'object' && typeof (payload as Readable).pipe === 'function'
 }
 
+// An HTTP date has a resolution of one second: most requests in a second share one string.
+let cachedSecond = -1
+let cachedDate = ''
+function httpDate (ms: number): string {
+  const second = Math.floor(ms / 1000)
+  if (second !== cachedSecond) {
+    cachedSecond = second
+    cachedDate = new Date(second * 1000).toUTCString()
+  }
+  return cachedDate
+}
+
 const EMPTY = Buffer.alloc(0)
+const TEXT_REPLAY_LIMIT = 16 * 1024
+
+// A small UTF-8 body is replayed as a string, which Node writes with the headers in one go; the
+// bytes are the same, since valid UTF-8 decodes and encodes back exactly.
+function replayBody (body: Buffer): Buffer | string | undefined {
+  if (body.length === 0) return undefined
+  return body.length <= TEXT_REPLAY_LIMIT && isUtf8(body) ? body.toString() : body
+}
 
 function toBuffer (payload: unknown): Buffer | undefined {
   if (Buffer.isBuffer(payload)) return payload

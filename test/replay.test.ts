@@ -67,15 +67,17 @@ t.test('replays JSON, empty and 204 responses exactly', async (t) => {
   app.post('/json', { config: { idempotency: true } }, async () => { runs++; return { unicode: 'žluťoučký 🐎', n: 1.5 } })
   app.post('/empty', { config: { idempotency: true } }, async (request, reply) => { runs++; return reply.code(204).send() })
   app.post('/text', { config: { idempotency: true } }, async (request, reply) => { runs++; return reply.send('') })
-  for (const url of ['/json', '/empty', '/text']) {
+  app.post('/large', { config: { idempotency: true } }, async () => { runs++; return { text: 'ž'.repeat(20_000) } })
+  for (const url of ['/json', '/empty', '/text', '/large']) {
     const first = await app.inject({ method: 'POST', url, headers: key('k'), payload: {} })
     const replay = await app.inject({ method: 'POST', url, headers: key('k'), payload: {} })
     t.equal(replay.statusCode, first.statusCode, url)
     t.equal(replay.body, first.body, url)
     t.equal(replay.headers['content-type'], first.headers['content-type'], url)
     t.equal(replay.headers['idempotent-replayed'], 'true', url)
+    t.equal(replay.headers['content-length'], first.headers['content-length'], url)
   }
-  t.equal(runs, 3)
+  t.equal(runs, 4)
   await app.close()
 })
 
