@@ -3,7 +3,7 @@ import { idempotency } from './plugin.js'
 export { idempotency }
 export default idempotency
 export { RequestTracker } from './tracker.js'
-export type { TrackOptions, TrackResult, TrackerLogger } from './tracker.js'
+export type { RequestTrackerOptions, TrackOptions, TrackResult, TrackerLogger } from './tracker.js'
 export { MemoryStore } from './stores/memory.js'
 export type { MemoryStoreOptions, WarningLogger } from './stores/memory.js'
 export type {

@@ -71,7 +71,12 @@ const REGISTER_OPTIONS = new Set(['prefix', 'logLevel', 'logSerializers'])
 async function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOptions): Promise<void> {
   const settings = validatePluginOptions(withoutRegisterOptions(options))
   const store = settings.store ?? new MemoryStore({ logger: fastify.log })
-  const tracker = new RequestTracker(store, fastify.log)
+  const tracker = new RequestTracker(store, {
+    logger: fastify.log,
+    cacheTtl: settings.cacheTtl,
+    processingTtl: settings.processingTtl,
+    releaseOnError: settings.releaseOnError
+  })
   const header = settings.header
   const headerLabel = header.replace(/(^|-)([a-z])/g, (_, dash: string, letter: string) => dash + letter.toUpperCase())
   const trackedMethods = new Set(settings.methods)

@@ -28,6 +28,10 @@ export interface TrackerLogger {
   warn (object: object, message: string): void
 }
 
+export interface RequestTrackerOptions extends TrackOptions {
+  logger: TrackerLogger
+}
+
 interface Lease {
   key: string
   lease: number
@@ -41,25 +45,29 @@ interface Lease {
  * instance. The tracker knows nothing of HTTP; the plugin maps its results to responses.
  *
  * @example
- * const result = await tracker.track(key, fingerprint, options)
+ * const tracker = new RequestTracker(store, { logger, cacheTtl: 86_400_000, processingTtl: 60_000, releaseOnError: false })
+ * const result = await tracker.track(key, fingerprint)
  * if (result.status === 'created') {
- *   await tracker.putResponse(key, result.owner, response, options.cacheTtl)
+ *   await tracker.putResponse(key, result.owner, { statusCode: 201, headers: {}, body })
  * }
  */
 export class RequestTracker {
   readonly store: IdempotencyStore
+  /** The options `track` uses when given none: the plugin's. */
+  readonly defaults: Readonly<TrackOptions>
   #logger: TrackerLogger
   #leases = new Map<string, Lease>()
   #renewTimer: NodeJS.Timeout | undefined
   #renewEvery = Infinity
 
-  constructor (store: IdempotencyStore, logger: TrackerLogger) {
+  constructor (store: IdempotencyStore, { logger, ...defaults }: RequestTrackerOptions) {
     this.store = store
+    this.defaults = Object.freeze(defaults)
     this.#logger = logger
   }
 
   /** Looks the key up and, when no live record holds it, atomically creates one owned by this request. */
-  async track (key: string, fingerprint: string, options: TrackOptions): Promise<TrackResult> {
+  async track (key: string, fingerprint: string, options: TrackOptions = this.defaults): Promise<TrackResult> {
     const owner = randomUUID()
     const now = Date.now()
     const expiresAt = now + options.cacheTtl
@@ -84,13 +92,18 @@ export class RequestTracker {
   }
 
   /** Stores the response of an owned request; resolves whether the store took it. */
-  async putResponse (key: string, owner: string, response: StoredResponse, expiresAt: number): Promise<boolean> {
+  async putResponse (
+    key: string,
+    owner: string,
+    response: StoredResponse,
+    expiresAt = Date.now() + this.defaults.cacheTtl
+  ): Promise<boolean> {
     this.#leases.delete(owner)
     return await this.store.update(key, owner, { state: 'completed', response, expiresAt })
   }
 
   /** Marks an owned request halted: its outcome is unknown, and retries are told so. */
-  async halt (key: string, owner: string, expiresAt: number): Promise<boolean> {
+  async halt (key: string, owner: string, expiresAt = Date.now() + this.defaults.cacheTtl): Promise<boolean> {
     this.#leases.delete(owner)
     return await this.store.update(key, owner, { state: 'halted', expiresAt })
   }

@@ -13,7 +13,7 @@ const options = { cacheTtl: 60_000, processingTtl: 30, releaseOnError: false }
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
 t.test('track creates a record owned by the caller, then reports what later callers should get', async (t) => {
-  const tracker = new RequestTracker(new MemoryStore(), recordingLogger())
+  const tracker = new RequestTracker(new MemoryStore(), { logger: recordingLogger(), ...options })
   const created = await tracker.track('k', 'fp', options)
   t.equal(created.status, 'created')
   t.match(created, { owner: /^[0-9a-f-]{36}$/ })
@@ -26,7 +26,7 @@ t.test('track creates a record owned by the caller, then reports what later call
 })
 
 t.test('only the owner can complete, halt or release a record', async (t) => {
-  const tracker = new RequestTracker(new MemoryStore(), recordingLogger())
+  const tracker = new RequestTracker(new MemoryStore(), { logger: recordingLogger(), ...options })
   const created = await tracker.track('k', 'fp', options) as { owner: string, expiresAt: number }
   const response = { statusCode: 200, headers: {}, body: Buffer.alloc(0) }
   t.equal(await tracker.putResponse('k', 'stranger', response, created.expiresAt), false)
@@ -39,7 +39,7 @@ t.test('only the owner can complete, halt or release a record', async (t) => {
 
 t.test('renews the lease of a running request and stops when it ends', async (t) => {
   const store = new FaultyStore()
-  const tracker = new RequestTracker(store, recordingLogger())
+  const tracker = new RequestTracker(store, { logger: recordingLogger(), ...options })
   const created = await tracker.track('k', 'fp', options) as { owner: string, expiresAt: number }
   await sleep(80)
   const renewals = store.calls.filter((call) => call.operation === 'update' && call.state === 'processing').length
@@ -55,7 +55,7 @@ t.test('renews the lease of a running request and stops when it ends', async (t)
 t.test('retries a failed renewal and warns', async (t) => {
   const store = new FaultyStore()
   const logger = recordingLogger()
-  const tracker = new RequestTracker(store, logger)
+  const tracker = new RequestTracker(store, { logger, ...options })
   await tracker.track('k', 'fp', options)
   store.failing.add('update')
   await sleep(50)
@@ -67,7 +67,7 @@ t.test('retries a failed renewal and warns', async (t) => {
 t.test('stops renewing and warns when the lease was lost to another owner', async (t) => {
   const store = new FaultyStore()
   const logger = recordingLogger()
-  const tracker = new RequestTracker(store, logger)
+  const tracker = new RequestTracker(store, { logger, ...options })
   const first = await tracker.track('k', 'fp', options) as { owner: string }
   // another instance took the key over: the record now belongs to someone else
   await store.inner.delete('k', first.owner)
@@ -78,5 +78,23 @@ t.test('stops renewing and warns when the lease was lost to another owner', asyn
   const renewals = store.calls.filter((call) => call.operation === 'update').length
   await sleep(40)
   t.equal(store.calls.filter((call) => call.operation === 'update').length, renewals, 'and stopped renewing')
+  tracker.close()
+})
+
+t.test('uses its default options when track, putResponse and halt are given none', async (t) => {
+  const tracker = new RequestTracker(new MemoryStore(), { logger: recordingLogger(), cacheTtl: 5_000, processingTtl: 1_000, releaseOnError: false })
+  const before = Date.now()
+  const created = await tracker.track('k', 'fp')
+  t.equal(created.status, 'created')
+  t.ok(created.expiresAt >= before + 5_000 && created.expiresAt <= Date.now() + 5_000)
+  const owner = (created as { owner: string }).owner
+  t.equal(await tracker.putResponse('k', owner, { statusCode: 200, headers: {}, body: Buffer.from('x') }), true)
+  const replay = await tracker.track('k', 'fp')
+  t.equal(replay.status, 'completed')
+  t.ok(replay.expiresAt >= before + 5_000 && replay.expiresAt <= Date.now() + 5_000)
+  const other = await tracker.track('h', 'fp') as { owner: string }
+  t.equal(await tracker.halt('h', other.owner), true)
+  t.equal((await tracker.track('h', 'fp')).status, 'halted')
+  t.same(tracker.defaults, { cacheTtl: 5_000, processingTtl: 1_000, releaseOnError: false })
   tracker.close()
 })
