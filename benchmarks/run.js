@@ -1,8 +1,10 @@
 // `npm run bench`: server CPU per request of the plugin against bare Fastify, measured in the same run.
 // Each server runs in its own child process; autocannon drives it from this one. Machines here are
 // small and noisy: read the ratios, not the absolute figures.
-import { fork } from 'node:child_process'
+import { fork, spawn } from 'node:child_process'
 import { once } from 'node:events'
+import { readFileSync } from 'node:fs'
+import { connect, createServer } from 'node:net'
 import autocannon from 'autocannon'
 
 const connections = Number(process.env.BENCH_CONNECTIONS ?? 32)
@@ -12,7 +14,7 @@ const warmup = Number(process.env.BENCH_WARMUP ?? 2)
 // Every server gets the same offered load, below what the slowest one sustains: CPU per request
 // falls as load rises (more requests per event-loop turn), so it is compared at equal load.
 const rate = Number(process.env.BENCH_RATE ?? 4000)
-const variants = (process.env.BENCH_VARIANTS ?? 'memory').split(',')
+const variants = (process.env.BENCH_VARIANTS ?? 'memory,redis').split(',')
 const scenarios = (process.env.BENCH_SCENARIOS ?? 'fresh,replay,none').split(',')
 const body = JSON.stringify({ amount: 100, currency: 'EUR' })
 
@@ -28,15 +30,55 @@ function request (scenario) {
   }]
 }
 
+async function freePort () {
+  const probe = createServer().listen(0, '127.0.0.1')
+  await once(probe, 'listening')
+  const { port } = probe.address()
+  probe.close()
+  return port
+}
+
+async function answers (port) {
+  return await new Promise((resolve) => {
+    const socket = connect({ host: '127.0.0.1', port }, () => { socket.end(); resolve(true) })
+    socket.on('error', () => { resolve(false) })
+  })
+}
+
+// A private redis-server per Redis variant; its CPU counts as the variant's.
+async function startRedis () {
+  const port = await freePort()
+  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' })
+  for (let attempt = 0; attempt < 100 && !await answers(port); attempt++) {
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  // utime + stime, in clock ticks of 10 ms, from /proc
+  const cpu = () => {
+    const fields = readFileSync(`/proc/${child.pid}/stat`, 'utf8').split(') ')[1].split(' ')
+    return (Number(fields[11]) + Number(fields[12])) * 10_000
+  }
+  return { port, cpu, stop: async () => { child.kill('SIGTERM'); await once(child, 'exit') } }
+}
+
 async function start (variant) {
-  const child = fork(new URL('./server.js', import.meta.url), [variant], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+  const redis = variant === 'redis' ? await startRedis() : undefined
+  const env = redis === undefined ? process.env : { ...process.env, BENCH_REDIS_PORT: String(redis.port) }
+  const child = fork(new URL('./server.js', import.meta.url), [variant], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env })
   const [{ port }] = await once(child, 'message')
   const cpu = async () => {
     child.send('cpu')
     const [{ cpu: usage }] = await once(child, 'message')
-    return usage.user + usage.system
+    return usage.user + usage.system + (redis === undefined ? 0 : redis.cpu())
   }
-  return { port, cpu, stop: async () => { child.send('stop'); await once(child, 'exit') } }
+  return {
+    port,
+    cpu,
+    stop: async () => {
+      child.send('stop')
+      await once(child, 'exit')
+      await redis?.stop()
+    }
+  }
 }
 
 async function load (port, scenario, duration) {

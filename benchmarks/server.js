@@ -2,7 +2,8 @@
 // It reports its port over IPC and answers { cpu } with its own CPU time, so the runner measures
 // only this process's work, not autocannon's.
 import Fastify from 'fastify'
-import idempotency from '../dist/index.js'
+import { Redis } from 'ioredis'
+import idempotency, { RedisStore } from '../dist/index.js'
 
 const variant = process.argv[2] ?? 'bare'
 const app = Fastify({ logger: false })
@@ -24,5 +25,10 @@ process.on('message', (message) => {
 
 async function storeFor (name) {
   if (name === 'memory') return undefined
+  if (name === 'redis') {
+    const client = new Redis({ host: '127.0.0.1', port: Number(process.env.BENCH_REDIS_PORT) })
+    app.addHook('onClose', async () => { client.disconnect() })
+    return new RedisStore({ client })
+  }
   throw new Error(`unknown benchmark variant ${name}`)
 }

@@ -6,6 +6,8 @@ export { RequestTracker } from './tracker.js'
 export type { RequestTrackerOptions, TrackOptions, TrackResult, TrackerLogger } from './tracker.js'
 export { MemoryStore } from './stores/memory.js'
 export type { MemoryStoreOptions, WarningLogger } from './stores/memory.js'
+export { RedisStore } from './stores/redis.js'
+export type { RedisClient, RedisStoreOptions } from './stores/redis.js'
 export type {
   IdempotencyRecord,
   IdempotencyStore,

@@ -40,8 +40,8 @@ export const PluginOptionsSchema = Type.Object({
   cacheTtl: Type.Optional(Milliseconds(86_400_000)),
   prune: Type.Optional(Milliseconds(60_000)),
   processingTtl: Type.Optional(Milliseconds(60_000, 10)),
-  store: Type.Optional(Type.Union([Store], {
-    description: `an IdempotencyStore (an object with ${storeMethods.join(', ')})`
+  store: Type.Optional(Type.Union([Store, Type.Literal('redis')], {
+    description: `an IdempotencyStore (an object with ${storeMethods.join(', ')}) or 'redis'`
   })),
   header: Type.Optional(withDefault(HeaderName, 'idempotency-key')),
   methods: Type.Optional(withDefault(

@@ -29,6 +29,7 @@ import {
   type ScopeFunction
 } from './options.js'
 import { MemoryStore } from './stores/memory.js'
+import { RedisStore, type RedisClient } from './stores/redis.js'
 import type { StoredResponse } from './stores/store.js'
 import { RequestTracker, type TrackOptions } from './tracker.js'
 
@@ -70,7 +71,9 @@ const REGISTER_OPTIONS = new Set(['prefix', 'logLevel', 'logSerializers'])
 
 async function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOptions): Promise<void> {
   const settings = validatePluginOptions(withoutRegisterOptions(options))
-  const store = settings.store ?? new MemoryStore({ logger: fastify.log })
+  const store = settings.store === 'redis'
+    ? new RedisStore({ client: redisOf(fastify) })
+    : settings.store ?? new MemoryStore({ logger: fastify.log })
   const tracker = new RequestTracker(store, {
     logger: fastify.log,
     cacheTtl: settings.cacheTtl,
@@ -372,6 +375,15 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
         code: problem.code
       }))
   }
+}
+
+// `store: 'redis'` uses the client of @fastify/redis; fastify-plugin's `dependencies` cannot
+// depend on an option, so the check is made here, with a message that says what to do.
+function redisOf (fastify: FastifyInstance): RedisClient {
+  if (!fastify.hasDecorator('redis')) {
+    throw new InvalidOptionError("store 'redis' needs @fastify/redis: register it before fastify-idempotency")
+  }
+  return (fastify as FastifyInstance & { redis: RedisClient }).redis
 }
 
 function withoutRegisterOptions (options: IdempotencyOptions): unknown {

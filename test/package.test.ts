@@ -14,7 +14,7 @@ t.test('loads with import and with require, the same module either way', async (
   t.same(Object.keys(esm).sort(), [
     'ConflictError', 'HOP_BY_HOP_HEADERS', 'HaltedError', 'InvalidOptionError', 'KeyInvalidError',
     'KeyMissingError', 'KeyMultipleError', 'MemoryStore', 'MismatchError', 'PluginOptionsSchema',
-    'RequestTracker', 'RouteOptionsSchema', 'StoreUnavailableError', 'default', 'idempotency'
+    'RedisStore', 'RequestTracker', 'RouteOptionsSchema', 'StoreUnavailableError', 'default', 'idempotency'
   ])
 })
 

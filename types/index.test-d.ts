@@ -1,5 +1,6 @@
 import Fastify, { type FastifyContextConfig, type FastifyRequest, type RouteShorthandOptions } from 'fastify'
 import { expectAssignable, expectError, expectNotAssignable, expectType } from 'tsd'
+import { Redis as IORedis } from 'ioredis'
 import idempotency, {
   ConflictError,
   HaltedError,
@@ -10,6 +11,7 @@ import idempotency, {
   KeyMultipleError,
   MemoryStore,
   MismatchError,
+  RedisStore,
   RequestTracker,
   StoreUnavailableError,
   type IdempotencyError,
@@ -159,3 +161,11 @@ if (result.status === 'created') {
   expectError(result.response)
 }
 expectType<number>(result.expiresAt)
+
+// RedisStore: takes an ioredis client (its shape, so the types need no ioredis install)
+expectAssignable<IdempotencyStore>(new RedisStore({ client: new IORedis({ lazyConnect: true }) }))
+expectType<RedisStore>(new RedisStore({ client: new IORedis({ lazyConnect: true }), prefix: 'x:', timeout: 500 }))
+expectError(new RedisStore({ client: new IORedis({ lazyConnect: true }), timeout: '1s' }))
+expectError(new RedisStore({}))
+expectAssignable<IdempotencyOptions>({ store: 'redis' })
+expectNotAssignable<IdempotencyOptions>({ store: 'postgres-please' })

@@ -1,0 +1,206 @@
+import { fork } from 'node:child_process'
+import { once } from 'node:events'
+import { request as httpRequest } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import t, { type Test } from 'tap'
+import Fastify, { type FastifyInstance } from 'fastify'
+import fastifyRedis from '@fastify/redis'
+import { Redis } from 'ioredis'
+import idempotency, { InvalidOptionError, RedisStore, type IdempotencyOptions } from '../lib/index.js'
+import { requireRedis, startRedis, type RedisServer } from './helpers/redis-server.js'
+
+const key = (value: string) => ({ 'idempotency-key': value })
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
+if (requireRedis(t)) {
+  let server: RedisServer
+  t.before(async () => { server = await startRedis() })
+  t.teardown(async () => { await server.stop() })
+
+  async function redisApp (t: Test, options: IdempotencyOptions = {}, prefix = 'idem:'): Promise<FastifyInstance> {
+    const client = new Redis({ port: server.port, host: '127.0.0.1' })
+    const app = Fastify()
+    await app.register(idempotency, { store: new RedisStore({ client, prefix }), ...options })
+    t.teardown(async () => {
+      await app.close()
+      client.disconnect()
+    })
+    return app
+  }
+
+  t.test('a track, a completion and a replay are one Redis round trip each', async (t) => {
+    const client = new Redis({ port: server.port, host: '127.0.0.1' })
+    const sent: string[] = []
+    const sendCommand = client.sendCommand.bind(client)
+    client.sendCommand = (command, stream) => {
+      sent.push(command.name)
+      return sendCommand(command, stream)
+    }
+    const app = Fastify()
+    await app.register(idempotency, { store: new RedisStore({ client }) })
+    t.teardown(async () => { await app.close(); client.disconnect() })
+    let runs = 0
+    app.post('/orders', { config: { idempotency: true } }, async (request, reply) => reply.code(201).send({ runs: ++runs }))
+    // the first use of each script loads it: EVALSHA answers NOSCRIPT once, then EVAL
+    await app.inject({ method: 'POST', url: '/orders', headers: key('warm'), payload: {} })
+    await app.inject({ method: 'POST', url: '/orders', headers: key('warm'), payload: {} })
+    sent.length = 0
+    const first = await app.inject({ method: 'POST', url: '/orders', headers: key('rt'), payload: {} })
+    t.equal(first.statusCode, 201)
+    t.same(sent, ['evalsha', 'evalsha'], 'fresh key: insert-or-get, then complete')
+    sent.length = 0
+    const replay = await app.inject({ method: 'POST', url: '/orders', headers: key('rt'), payload: {} })
+    t.equal(replay.headers['idempotent-replayed'], 'true')
+    t.same(sent, ['evalsha'], 'replay: one insert-or-get')
+    t.equal(runs, 2)
+  })
+
+  t.test('replays a binary body byte for byte through Redis', async (t) => {
+    const app = await redisApp(t)
+    const bytes = Buffer.from(Array.from({ length: 4096 }, (_, index) => (index * 7919) % 256))
+    app.post('/blob', { config: { idempotency: true } }, async (request, reply) => reply.type('application/octet-stream').send(bytes))
+    const first = await app.inject({ method: 'POST', url: '/blob', headers: key('blob'), payload: {} })
+    const replay = await app.inject({ method: 'POST', url: '/blob', headers: key('blob'), payload: {} })
+    t.same(first.rawPayload, bytes)
+    t.same(replay.rawPayload, bytes)
+    t.equal(replay.headers['idempotent-replayed'], 'true')
+  })
+
+  t.test('stores a record as one compact hash that Redis expires itself', async (t) => {
+    const admin = new Redis({ port: server.port, host: '127.0.0.1' })
+    t.teardown(() => admin.disconnect())
+    const app = await redisApp(t, { cacheTtl: 60_000 }, 'layout:')
+    app.post('/orders', { config: { idempotency: true } }, async () => ({ ok: true }))
+    await app.inject({ method: 'POST', url: '/orders', headers: key('layout'), payload: {} })
+    const keys = await admin.keys('layout:*')
+    t.equal(keys.length, 1)
+    const stored = keys[0] as string
+    t.match(stored, /^layout:[A-Za-z0-9_-]{43}$/, 'the prefix and a hashed key')
+    const fields = await admin.hgetall(stored)
+    t.same(Object.keys(fields).sort(), ['b', 'c', 'e', 'f', 'h', 's'])
+    t.equal(fields.s, 'c')
+    t.equal(fields.c, '200')
+    t.equal(fields.b, '{"ok":true}')
+    const ttl = await admin.pttl(stored)
+    t.ok(ttl > 55_000 && ttl <= 60_000, `PTTL ${ttl}`)
+  })
+
+  t.test('many instances sharing one Redis run a keyed handler exactly once', async (t) => {
+    let runs = 0
+    const body = JSON.stringify({ amount: 100 })
+    const ports: number[] = []
+    for (let index = 0; index < 3; index++) {
+      const app = await redisApp(t)
+      app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
+        runs++
+        await sleep(150)
+        return reply.code(201).header('x-instance', String(index)).send({ id: 'ord_1', instance: index })
+      })
+      await app.listen({ host: '127.0.0.1', port: 0 })
+      ports.push((app.server.address() as AddressInfo).port)
+    }
+    const post = (port: number) => new Promise<{ status: number, body: string, replayed: boolean }>((resolve, reject) => {
+      const request = httpRequest({
+        host: '127.0.0.1',
+        port,
+        method: 'POST',
+        path: '/orders',
+        headers: { 'content-type': 'application/json', 'content-length': body.length, 'idempotency-key': 'shared' }
+      }, (response) => {
+        const chunks: Buffer[] = []
+        response.on('data', (chunk: Buffer) => chunks.push(chunk))
+        response.on('end', () => {
+          resolve({ status: response.statusCode ?? 0, body: Buffer.concat(chunks).toString(), replayed: response.headers['idempotent-replayed'] === 'true' })
+        })
+      })
+      request.on('error', reject)
+      request.end(body)
+    })
+    const responses = await Promise.all(Array.from({ length: 200 }, (_, index) => post(ports[index % 3] as number)))
+    t.equal(runs, 1, 'the handler ran once')
+    const created = responses.filter((response) => response.status === 201)
+    const others = responses.filter((response) => response.status !== 201)
+    t.ok(created.length >= 1)
+    t.ok(others.every((response) => response.status === 409), 'every other response is a 409 or a replay')
+    t.equal(new Set(created.map((response) => response.body)).size, 1, 'all 201s carry the same bytes')
+    t.equal(created.filter((response) => !response.replayed).length, 1, 'one original, the rest replays')
+    const after = await Promise.all(ports.map((port) => post(port)))
+    t.ok(after.every((response) => response.status === 201 && response.replayed && response.body === created[0]?.body),
+      'after completion every instance replays the same response')
+    t.equal(runs, 1)
+  })
+
+  t.test('a killed instance\'s record answers 409 until its lease lapses, then 500 HALTED', async (t) => {
+    const child = fork(new URL('./fixtures/redis-instance.ts', import.meta.url), [String(server.port), '300'], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+    t.teardown(() => { child.kill('SIGKILL') })
+    const [{ port }] = await once(child, 'message') as [{ port: number }]
+    const orphan = httpRequest({ host: '127.0.0.1', port, method: 'POST', path: '/orders', headers: { ...key('crash'), 'content-type': 'application/json' } })
+    orphan.on('error', () => {})
+    orphan.end('{}')
+    await once(child, 'message')
+    const survivor = await redisApp(t, { processingTtl: 300 })
+    let runs = 0
+    survivor.post('/orders', { config: { idempotency: true } }, async () => ({ runs: ++runs }))
+    const send = () => survivor.inject({ method: 'POST', url: '/orders', headers: key('crash'), payload: {} })
+    await sleep(400)
+    t.equal((await send()).statusCode, 409, 'the child renews its lease while it lives')
+    child.kill('SIGKILL')
+    await once(child, 'exit')
+    t.equal((await send()).statusCode, 409, 'just after the kill the lease is still live')
+    await sleep(400)
+    const halted = await send()
+    t.equal(halted.statusCode, 500)
+    t.equal(halted.json().code, 'FST_IDEMPOTENCY_HALTED')
+    t.equal(runs, 0)
+  })
+
+  t.test('with releaseOnError a killed instance\'s key is taken over once its lease lapses', async (t) => {
+    const child = fork(new URL('./fixtures/redis-instance.ts', import.meta.url), [String(server.port), '300'], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+    t.teardown(() => { child.kill('SIGKILL') })
+    const [{ port }] = await once(child, 'message') as [{ port: number }]
+    const orphan = httpRequest({ host: '127.0.0.1', port, method: 'POST', path: '/orders', headers: { ...key('takeover'), 'content-type': 'application/json' } })
+    orphan.on('error', () => {})
+    orphan.end('{}')
+    await once(child, 'message')
+    child.kill('SIGKILL')
+    await once(child, 'exit')
+    const survivor = await redisApp(t, { processingTtl: 300, releaseOnError: true })
+    let runs = 0
+    survivor.post('/orders', { config: { idempotency: true } }, async () => ({ runs: ++runs }))
+    t.equal((await survivor.inject({ method: 'POST', url: '/orders', headers: key('takeover'), payload: {} })).statusCode, 409)
+    await sleep(400)
+    const taken = await survivor.inject({ method: 'POST', url: '/orders', headers: key('takeover'), payload: {} })
+    t.equal(taken.statusCode, 200)
+    t.same(taken.json(), { runs: 1 })
+  })
+
+  t.test('store: \'redis\' uses the client of @fastify/redis', async (t) => {
+    const app = Fastify()
+    await app.register(fastifyRedis, { host: '127.0.0.1', port: server.port })
+    await app.register(idempotency, { store: 'redis' })
+    t.teardown(() => app.close())
+    t.ok(app.idempotency.store instanceof RedisStore)
+    let runs = 0
+    app.post('/orders', { config: { idempotency: true } }, async () => ({ runs: ++runs }))
+    await app.inject({ method: 'POST', url: '/orders', headers: key('shorthand'), payload: {} })
+    const replay = await app.inject({ method: 'POST', url: '/orders', headers: key('shorthand'), payload: {} })
+    t.equal(replay.headers['idempotent-replayed'], 'true')
+    t.equal(runs, 1)
+  })
+}
+
+t.test('store: \'redis\' without @fastify/redis fails at register, saying what to do', async (t) => {
+  const app = Fastify()
+  t.teardown(() => app.close())
+  const error = await app.register(idempotency, { store: 'redis' }).then(() => undefined, (failure: unknown) => failure)
+  t.ok(error instanceof InvalidOptionError)
+  t.equal((error as Error).message,
+    "Invalid fastify-idempotency option: store 'redis' needs @fastify/redis: register it before fastify-idempotency")
+})
+
+t.test('RedisStore rejects bad options, naming them', async (t) => {
+  t.throws(() => new RedisStore({ client: {} as never }), { code: 'FST_IDEMPOTENCY_INVALID_OPTION', message: /client must be an ioredis client/ })
+  const client = { defineCommand: () => {}, status: 'ready' }
+  t.throws(() => new RedisStore({ client, timeout: 0 }), { message: /timeout must be >= 1/ })
+  t.throws(() => new RedisStore({ client, bogus: 1 } as never), { message: /RedisStore has unknown option 'bogus'/ })
+})
