@@ -18,6 +18,7 @@ export interface IdempotencyProblem {
     detail: string
     instance: string
     code: string
+    details: Record<string, unknown>
   }
 }
 
@@ -27,6 +28,13 @@ export interface IdempotencyErrorConstructor<Args extends unknown[] = []> {
   new (...args: Args): IdempotencyError
   (...args: Args): IdempotencyError
   readonly prototype: IdempotencyError
+}
+
+const kIdempotencyError = Symbol('fastify-idempotency.error')
+
+/** Whether an error is one of the plugin's own (not any RFC 9457 error of the app's). */
+export function isIdempotencyError (error: unknown): error is IdempotencyError {
+  return error !== null && typeof error === 'object' && kIdempotencyError in error
 }
 
 function define<Args extends unknown[] = []> (
@@ -44,6 +52,7 @@ function define<Args extends unknown[] = []> (
   Object.defineProperties(ErrorType.prototype, {
     type: { value: type, enumerable: false },
     title: { value: title, enumerable: false },
+    [kIdempotencyError]: { value: true, enumerable: false },
     detail: { get (this: Error) { return this.message }, enumerable: false },
     ...(headers === undefined ? {} : { headers: { value: Object.freeze(headers), enumerable: false } })
   })

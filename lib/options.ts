@@ -8,7 +8,9 @@ export type ScopeFunction = (request: FastifyRequest) => string | Promise<string
 /** What must be equal when a key is reused; hashed in a canonical form. */
 export type FingerprintFunction = (request: FastifyRequest) => unknown
 
-const Milliseconds = (fallback: number, minimum = 1) => withDefault(Type.Integer({ minimum }), fallback)
+// Timers take at most 2^31 - 1 ms; ten years is far past any sensible record life.
+const TIMER_MAX = 2_147_483_647
+const Milliseconds = (fallback: number, minimum = 1, maximum = TIMER_MAX) => withDefault(Type.Integer({ minimum, maximum }), fallback)
 const Scope = Type.Unsafe<ScopeFunction>(Type.Function([Type.Any()], Type.Any()))
 const FingerprintOption = Type.Unsafe<FingerprintFunction>(Type.Function([Type.Any()], Type.Any()))
 const storeMethods = ['insert', 'lookup', 'update', 'delete', 'prune'] as const
@@ -27,8 +29,8 @@ export const HOP_BY_HOP_HEADERS = [
 /** Options of a route, given as `config.idempotency`; each overrides the plugin's. */
 export const RouteOptionsSchema = Type.Object({
   required: Type.Optional(Type.Boolean()),
-  cacheTtl: Type.Optional(Type.Integer({ minimum: 1 })),
-  processingTtl: Type.Optional(Type.Integer({ minimum: 10 })),
+  cacheTtl: Type.Optional(Type.Integer({ minimum: 1, maximum: 315_360_000_000 })),
+  processingTtl: Type.Optional(Type.Integer({ minimum: 10, maximum: TIMER_MAX })),
   scope: Type.Optional(Scope),
   fingerprint: Type.Optional(FingerprintOption),
   maxResponseSize: Type.Optional(Type.Integer({ minimum: 0 })),
@@ -37,11 +39,11 @@ export const RouteOptionsSchema = Type.Object({
 
 /** The plugin's options: the single source of their rules and defaults. */
 export const PluginOptionsSchema = Type.Object({
-  cacheTtl: Type.Optional(Milliseconds(86_400_000)),
+  cacheTtl: Type.Optional(Milliseconds(86_400_000, 1, 315_360_000_000)),
   prune: Type.Optional(Milliseconds(60_000)),
   processingTtl: Type.Optional(Milliseconds(60_000, 10)),
-  store: Type.Optional(Type.Union([Store, Type.Literal('redis')], {
-    description: `an IdempotencyStore (an object with ${storeMethods.join(', ')}) or 'redis'`
+  store: Type.Optional(Type.Union([Store, Type.Literal('redis'), Type.Literal('postgres')], {
+    description: `an IdempotencyStore (an object with ${storeMethods.join(', ')}), 'redis' or 'postgres'`
   })),
   header: Type.Optional(withDefault(HeaderName, 'idempotency-key')),
   methods: Type.Optional(withDefault(

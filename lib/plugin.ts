@@ -17,7 +17,7 @@ import {
   KeyMultipleError,
   MismatchError,
   StoreUnavailableError,
-  type IdempotencyError
+  isIdempotencyError
 } from './errors.js'
 import { countHeaderLines, parseKey, requestFingerprint, storageKey, valueFingerprint } from './key.js'
 import {
@@ -29,6 +29,7 @@ import {
   type ScopeFunction
 } from './options.js'
 import { MemoryStore } from './stores/memory.js'
+import { PostgresStore, type PostgresPool } from './stores/postgres.js'
 import { RedisStore, type RedisClient } from './stores/redis.js'
 import type { StoredResponse } from './stores/store.js'
 import { RequestTracker, type TrackOptions } from './tracker.js'
@@ -63,17 +64,23 @@ interface OwnedRecord {
   owner: string
   route: RouteSettings
   error: Error | undefined
+  handler: 'pending' | 'running' | 'settled'
+  /** The reply's headers when the handler started: the app's, not the handler's. */
+  headersBefore: ReturnType<FastifyReply['getHeaders']> | undefined
 }
 
 const kOwnedRecord = Symbol('fastify-idempotency.owned-record')
-type TrackedRequest = FastifyRequest & { [kOwnedRecord]: OwnedRecord | undefined }
+const kReplayed = Symbol('fastify-idempotency.replayed')
+type TrackedRequest = FastifyRequest & { [kOwnedRecord]: OwnedRecord | undefined, [kReplayed]: StoredResponse | undefined }
 const REGISTER_OPTIONS = new Set(['prefix', 'logLevel', 'logSerializers'])
 
 async function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOptions): Promise<void> {
   const settings = validatePluginOptions(withoutRegisterOptions(options))
   const store = settings.store === 'redis'
-    ? new RedisStore({ client: redisOf(fastify) })
-    : settings.store ?? new MemoryStore({ logger: fastify.log })
+    ? new RedisStore({ client: decoration<RedisClient>(fastify, 'redis', '@fastify/redis') })
+    : settings.store === 'postgres'
+      ? new PostgresStore({ pool: decoration<{ pool: PostgresPool }>(fastify, 'pg', '@fastify/postgres').pool })
+      : settings.store ?? new MemoryStore({ logger: fastify.log })
   const tracker = new RequestTracker(store, {
     logger: fastify.log,
     cacheTtl: settings.cacheTtl,
@@ -88,6 +95,7 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
   fastify.decorate('idempotency', tracker)
   fastify.decorateRequest('idempotencyKey', undefined)
   fastify.decorateRequest(kOwnedRecord, undefined)
+  fastify.decorateRequest(kReplayed, undefined)
 
   const pruneTimer = setInterval(() => {
     tracker.prune().catch((error: unknown) => {
@@ -132,7 +140,30 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
 
   // Route-level hooks, appended after the route's own: the key is checked before the body is
   // read, and tracking runs after the route's own hooks so that `scope` can read `request.user`.
+  // The handler is wrapped to know whether it ran: a response that did not come from it (a later
+  // hook answered, or a handler timeout fired while it still runs) must not settle the record
+  // as if it had.
   function attach (route: RouteOptions, routeSettings: RouteSettings, onlyMethods: Set<string> | undefined): void {
+    const handler = route.handler
+    route.handler = function trackedHandler (this: FastifyInstance, request: FastifyRequest, reply: FastifyReply) {
+      const owned = (request as TrackedRequest)[kOwnedRecord]
+      if (owned === undefined) return handler.call(this, request, reply)
+      owned.handler = 'running'
+      owned.headersBefore = reply.getHeaders()
+      let result: unknown
+      try {
+        result = handler.call(this, request, reply)
+      } catch (error) {
+        owned.handler = 'settled'
+        throw error
+      }
+      if (isPromiseLike(result)) {
+        return Promise.resolve(result).finally(() => { handlerSettled(request, reply, owned) })
+      }
+      handlerSettled(request, reply, owned)
+      return result
+    }
+
     route.onRequest = append(route.onRequest, function checkKey (request: FastifyRequest, reply: FastifyReply, next: HookHandlerDoneFunction) {
       if (onlyMethods !== undefined && !onlyMethods.has(request.method)) {
         next()
@@ -176,45 +207,62 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
       next()
     })
 
-    // A hijacked reply skips onSend: settle its record once the response is finished.
+    // A response that never passed through onSend (a failed onSend chain) is settled here.
     route.onResponse = append(route.onResponse, function settleUnsent (request: FastifyRequest, _reply: FastifyReply, next: () => void) {
-      const owned = (request as TrackedRequest)[kOwnedRecord]
-      if (owned !== undefined) {
-        ;(request as TrackedRequest)[kOwnedRecord] = undefined
-        void haltUnstored(request, owned, 'the response bypassed onSend (hijacked) and was not stored', {})
-      }
+      const owned = takeOwned(request)
+      if (owned !== undefined) void settle(request, owned, 'halt', 'the response was not seen by onSend and is not stored')
       next()
     })
 
-    route.onSend = append(route.onSend, function saveResponse (request: FastifyRequest, reply: FastifyReply, payload: unknown, next: (error: null, payload: unknown) => void) {
-      const owned = (request as TrackedRequest)[kOwnedRecord]
+    route.onSend = append(route.onSend, function saveResponse (request: FastifyRequest, reply: FastifyReply, payload: unknown, next: (error: Error | null, payload?: unknown) => void) {
+      const replayed = (request as TrackedRequest)[kReplayed]
+      if (replayed !== undefined) {
+        next(null, restoreReplay(reply, replayed))
+        return
+      }
+      const owned = takeOwned(request)
       if (owned === undefined) {
         next(null, payload)
         return
       }
-      ;(request as TrackedRequest)[kOwnedRecord] = undefined
-      if (isWebResponse(payload)) {
-        // Fastify applies a Response's status and headers after onSend; apply them now so
-        // that they are what gets stored. Fastify applying them again changes nothing.
-        reply.code(payload.status)
-        for (const [name, value] of payload.headers) reply.header(name, value)
-        payload = payload.body
+      if (owned.handler === 'pending') {
+        // A hook after tracking answered: the handler never ran, so the key is free again.
+        settle(request, owned, 'release', 'the handler did not run').then(() => { next(null, payload) })
+        return
+      }
+      let body: Buffer | undefined
+      let source: Readable | undefined
+      try {
+        if (isWebResponse(payload)) {
+          // Fastify applies a Response's status and headers after onSend, from the Response
+          // object; the payload handed on is its body, so they are applied here instead.
+          reply.code(payload.status)
+          for (const [name, value] of payload.headers) reply.header(name, value)
+          payload = payload.body
+        }
+        if (payload instanceof ReadableStream) payload = Readable.fromWeb(payload as never)
+        if (isReadable(payload)) source = payload
+        else body = toBuffer(payload)
+      } catch (error) {
+        settle(request, owned, 'halt', 'the response could not be read').then(() => { next(error as Error) })
+        return
       }
       if (reply.statusCode >= 500) {
-        settleFailure(request, owned, 'the handler failed').then(() => { next(null, payload) })
+        // A 5xx while the handler still runs (Fastify's handlerTimeout) must not free the key
+        // for a second, concurrent run.
+        const release = owned.route.track.releaseOnError && owned.handler === 'settled'
+        settle(request, owned, release ? 'release' : 'halt', 'the handler failed').then(() => { next(null, payload) })
         return
       }
       const expiresAt = Date.now() + owned.route.track.cacheTtl
       reply.header('expires', httpDate(expiresAt))
-      if (isReadable(payload) || payload instanceof ReadableStream) {
-        const source = payload instanceof ReadableStream ? Readable.fromWeb(payload as never) : payload
+      if (source !== undefined) {
         next(null, captureStream(request, reply, owned, source, expiresAt))
         return
       }
-      const body = toBuffer(payload)
       if (body === undefined) {
         // Fastify rejects such a payload itself, synchronously: let it.
-        void settleFailure(request, owned, 'the response body is of a type that cannot be stored')
+        void settle(request, owned, 'halt', 'the response body is of a type that cannot be stored')
         next(null, payload)
         return
       }
@@ -224,8 +272,23 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
         haltOversized(request, owned, body.length).then(() => { next(null, payload) })
         return
       }
-      saveCompleted(request, owned, response(reply, body), expiresAt).then(() => { next(null, payload) })
+      saveCompleted(request, owned, response(reply, owned, body), expiresAt).then(() => { next(null, payload) })
     })
+  }
+
+  // A hijacked reply never reaches onSend: once its response ends, the record is halted (the
+  // handler did its work, but what it sent is not known).
+  function handlerSettled (request: FastifyRequest, reply: FastifyReply, owned: OwnedRecord): void {
+    owned.handler = 'settled'
+    // `sent` is true for a hijacked reply; any other reply still owning its record is on its way
+    // to onSend.
+    if (!reply.sent || (request as TrackedRequest)[kOwnedRecord] !== owned) return
+    const res = reply.raw
+    const settleHijacked = () => {
+      if (takeOwned(request) === owned) void settle(request, owned, 'halt', 'the reply was hijacked and is not stored')
+    }
+    if (res.writableEnded || res.destroyed) settleHijacked()
+    else res.once('close', settleHijacked)
   }
 
   async function track (request: FastifyRequest, reply: FastifyReply, clientKey: string, route: RouteSettings): Promise<boolean> {
@@ -235,12 +298,17 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
       scope = typeof owner === 'string' ? owner : await owner
       if (typeof scope !== 'string') throw new TypeError('the idempotency scope function must return a string')
     }
-    const url = request.url
-    const query = url.indexOf('?')
-    const key = storageKey(scope, request.method, query === -1 ? url : url.slice(0, query), clientKey)
+    // The route's pattern and its parameters, not the raw URL: `/orders/a/`, `/ORDERS/a` or
+    // `/orders/%61` reach the same route with the same parameters, so they are the same request.
+    const routeUrl = request.routeOptions.url as string
+    const params = request.params as Record<string, string> | undefined
+    const target = params === undefined || Object.keys(params).length === 0 ? routeUrl : `${routeUrl}\n${JSON.stringify(params)}`
+    const key = storageKey(scope, request.method, target, clientKey)
+    let material = route.fingerprint === undefined ? undefined : route.fingerprint(request)
+    if (isPromiseLike(material)) material = await material
     const fingerprint = route.fingerprint === undefined
       ? requestFingerprint(request.query, request.body)
-      : valueFingerprint(route.fingerprint(request))
+      : valueFingerprint(material)
     let result
     try {
       result = await tracker.track(key, fingerprint, route.track)
@@ -250,10 +318,19 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     }
     switch (result.status) {
       case 'created':
-        ;(request as TrackedRequest)[kOwnedRecord] = { key, owner: result.owner, route, error: undefined }
+        ;(request as TrackedRequest)[kOwnedRecord] = {
+          key,
+          owner: result.owner,
+          route,
+          error: undefined,
+          handler: 'pending',
+          headersBefore: undefined
+        }
         return true
       case 'completed':
-        replay(reply, result.response)
+        ;(request as TrackedRequest)[kReplayed] = result.response
+        reply.code(result.response.statusCode)
+        reply.send(replayBody(result.response.body))
         return false
       case 'processing':
         throw new ConflictError()
@@ -264,19 +341,25 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     }
   }
 
-  function replay (reply: FastifyReply, stored: StoredResponse): void {
+  // Runs in the plugin's onSend, after the app's other onSend hooks: whatever they did to the
+  // payload, a replay sends the stored bytes and headers, as the first response had them.
+  function restoreReplay (reply: FastifyReply, stored: StoredResponse): Buffer | string | undefined {
+    if (stored.headers['content-type'] === undefined) reply.removeHeader('content-type')
     reply.code(stored.statusCode)
     reply.headers(stored.headers)
     reply.header('idempotent-replayed', 'true')
-    reply.send(replayBody(stored.body))
+    return replayBody(stored.body)
   }
 
-  function response (reply: FastifyReply, body: Buffer): StoredResponse {
+  // The headers the handler set: those the app set before it ran (CORS, request ids) belong to
+  // each request and are not replayed.
+  function response (reply: FastifyReply, owned: OwnedRecord, body: Buffer): StoredResponse {
     const headers: StoredResponse['headers'] = {}
+    const before = owned.headersBefore
     const all = reply.getHeaders()
     for (const name in all) {
       const value = all[name]
-      if (value !== undefined && !excludedHeaders.has(name)) headers[name] = value
+      if (value !== undefined && !excludedHeaders.has(name) && (before === undefined || before[name] !== value)) headers[name] = value
     }
     return { statusCode: reply.statusCode, headers, body }
   }
@@ -291,32 +374,23 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     }
   }
 
-  async function settleFailure (request: FastifyRequest, owned: OwnedRecord, reason: string): Promise<void> {
-    const release = owned.route.track.releaseOnError
+  // `halt`: the outcome is unknown and retries are told so. `release`: the record is deleted and
+  // a retry runs the handler, only where that cannot run it twice.
+  async function settle (request: FastifyRequest, owned: OwnedRecord, action: 'halt' | 'release', reason: string, details: object = {}): Promise<void> {
     try {
-      if (release) await tracker.release(owned.key, owned.owner)
-      else await tracker.halt(owned.key, owned.owner, Date.now() + owned.route.track.cacheTtl)
-      request.log.warn({ err: owned.error }, `idempotency record ${release ? 'released' : 'halted'}: ${reason}`)
+      const settled = action === 'release'
+        ? await tracker.release(owned.key, owned.owner)
+        : await tracker.halt(owned.key, owned.owner, Date.now() + owned.route.track.cacheTtl)
+      if (settled) request.log.warn({ err: owned.error, ...details }, `idempotency record ${action === 'release' ? 'released' : 'halted'}: ${reason}`)
+      else request.log.warn('idempotency record was taken over before it was settled')
     } catch (error) {
       tracker.forget(owned.owner)
-      request.log.error({ err: error }, 'idempotency store failed while settling a failed request')
-    }
-  }
-
-  // For responses that were sent but cannot be stored: the handler did its work, so even with
-  // releaseOnError the record is halted rather than released for a second run.
-  async function haltUnstored (request: FastifyRequest, owned: OwnedRecord, reason: string, details: object): Promise<void> {
-    try {
-      await tracker.halt(owned.key, owned.owner, Date.now() + owned.route.track.cacheTtl)
-      request.log.warn(details, `idempotency record halted: ${reason}`)
-    } catch (error) {
-      tracker.forget(owned.owner)
-      request.log.error({ err: error }, 'idempotency store failed while halting a response it could not store')
+      request.log.error({ err: error }, `idempotency store failed while settling a request (${reason})`)
     }
   }
 
   function haltOversized (request: FastifyRequest, owned: OwnedRecord, size: number): Promise<void> {
-    return haltUnstored(request, owned, 'the response is larger than maxResponseSize and is not stored',
+    return settle(request, owned, 'halt', 'the response is larger than maxResponseSize and is not stored',
       { size, maxResponseSize: owned.route.maxResponseSize })
   }
 
@@ -335,55 +409,55 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
       flush (callback) {
         const settled = size > limit
           ? haltOversized(request, owned, size)
-          : saveCompleted(request, owned, response(reply, Buffer.concat(chunks, size)), expiresAt)
+          : saveCompleted(request, owned, response(reply, owned, Buffer.concat(chunks, size)), expiresAt)
         settled.then(() => { callback() })
       }
     })
     pipeline(source, capture, (error) => {
-      if (error != null) {
-        owned.error = error
-        void settleFailure(request, owned, 'the response stream failed')
-      }
+      if (error == null) return
+      owned.error = error
+      // A client that went away cuts the stream short: the handler did its work, so the record
+      // is halted, never released for a second run. A stream that failed by itself is a failure.
+      const cut = (error as NodeJS.ErrnoException).code === 'ERR_STREAM_PREMATURE_CLOSE'
+      void settle(request, owned, cut || !owned.route.track.releaseOnError ? 'halt' : 'release',
+        cut ? 'the client went away during a streamed response' : 'the response stream failed')
     })
     return capture
   }
 
   function fail (request: FastifyRequest, reply: FastifyReply, error: Error, next: HookHandlerDoneFunction): void {
-    if (!('toProblemDetails' in error)) {
+    if (!isIdempotencyError(error)) {
       next(error)
       return
     }
-    const problem = error as IdempotencyError
     // Set here rather than left to Fastify's default error handler, so that an app's own
     // error handler answers with Retry-After too.
-    if (problem.headers !== undefined) reply.headers(problem.headers)
+    if (error.headers !== undefined) reply.headers(error.headers)
     if (!settings.problemDetails) {
       next(error)
       return
     }
     const url = request.url
     const query = url.indexOf('?')
-    reply
-      .code(problem.statusCode)
-      .type('application/problem+json')
-      .send(JSON.stringify({
-        type: problem.type,
-        title: problem.title,
-        status: problem.statusCode,
-        detail: problem.detail,
-        instance: query === -1 ? url : url.slice(0, query),
-        code: problem.code
-      }))
+    const { details: _details, ...problem } = error.toProblemDetails(query === -1 ? url : url.slice(0, query))
+    reply.code(error.statusCode).type('application/problem+json').send(JSON.stringify(problem))
+  }
+
+  function takeOwned (request: FastifyRequest): OwnedRecord | undefined {
+    const owned = (request as TrackedRequest)[kOwnedRecord]
+    if (owned !== undefined) (request as TrackedRequest)[kOwnedRecord] = undefined
+    return owned
   }
 }
 
-// `store: 'redis'` uses the client of @fastify/redis; fastify-plugin's `dependencies` cannot
-// depend on an option, so the check is made here, with a message that says what to do.
-function redisOf (fastify: FastifyInstance): RedisClient {
-  if (!fastify.hasDecorator('redis')) {
-    throw new InvalidOptionError("store 'redis' needs @fastify/redis: register it before fastify-idempotency")
+// `store: 'redis'` and `store: 'postgres'` use the client that @fastify/redis or @fastify/postgres
+// decorated the app with. fastify-plugin's `dependencies` cannot depend on an option, so the
+// check is made here, with a message that says what to do.
+function decoration<Client> (fastify: FastifyInstance, name: string, plugin: string): Client {
+  if (!fastify.hasDecorator(name)) {
+    throw new InvalidOptionError(`store '${name === 'pg' ? 'postgres' : name}' needs ${plugin}: register it before fastify-idempotency`)
   }
-  return (fastify as FastifyInstance & { redis: RedisClient }).redis
+  return (fastify as unknown as Record<string, Client>)[name] as Client
 }
 
 function withoutRegisterOptions (options: IdempotencyOptions): unknown {
@@ -402,6 +476,11 @@ function append<Hook> (hooks: Hook | Hook[] | undefined, hook: Hook): Hook[] {
 
 function isWebResponse (payload: unknown): payload is Response {
   return payload !== null && typeof payload === 'object' && Object.prototype.toString.call(payload) === '[object Response]'
+}
+
+function isPromiseLike (value: unknown): value is PromiseLike<unknown> {
+  return value !== null && (typeof value === 'object' || typeof value === 'function') &&
+    typeof (value as PromiseLike<unknown>).then === 'function'
 }
 
 function isReadable (payload: unknown): payload is Readable {

@@ -70,7 +70,8 @@ export class RequestTracker {
   async track (key: string, fingerprint: string, options: TrackOptions = this.defaults): Promise<TrackResult> {
     const owner = randomUUID()
     const now = Date.now()
-    const expiresAt = now + options.cacheTtl
+    // A running record lives at least as long as its lease; renewals keep it alive past that.
+    const expiresAt = now + Math.max(options.cacheTtl, options.processingTtl)
     const result = await this.store.insert(key, {
       fingerprint,
       owner,
@@ -145,11 +146,19 @@ export class RequestTracker {
   }
 
   #renew (): void {
+    if (this.#leases.size === 0) {
+      // Nothing in flight: stop ticking until the next tracked request.
+      clearInterval(this.#renewTimer)
+      this.#renewTimer = undefined
+      this.#renewEvery = Infinity
+      return
+    }
     const now = Date.now()
     for (const [owner, entry] of this.#leases) {
       if (entry.renewAt > now) continue
       entry.renewAt = now + entry.lease / 3
-      this.store.update(entry.key, owner, { state: 'processing', lease: entry.lease }).then((renewed) => {
+      // Through a promise, so that a store that throws instead of rejecting cannot throw from a timer.
+      Promise.resolve().then(() => this.store.update(entry.key, owner, { state: 'processing', lease: entry.lease })).then((renewed) => {
         if (!renewed && this.#leases.delete(owner)) {
           this.#logger.warn({ key: entry.key }, 'idempotency lease lost: the record was taken over or expired')
         }

@@ -11,7 +11,7 @@ import idempotency, {
 
 const PREFIX = 'Invalid fastify-idempotency option: '
 const HEADER_RULE = 'must be a header name in lower case'
-const STORE_RULE = 'store must be an IdempotencyStore (an object with insert, lookup, update, delete, prune) or \'redis\''
+const STORE_RULE = 'store must be an IdempotencyStore (an object with insert, lookup, update, delete, prune), \'redis\' or \'postgres\''
 
 /** Asserts that an error is the plugin's option error with exactly this detail. */
 function assertOptionError (t: Test, error: unknown, detail: string): void {

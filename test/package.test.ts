@@ -13,8 +13,8 @@ t.test('loads with import and with require, the same module either way', async (
   t.equal(cjs.MemoryStore, esm.MemoryStore)
   t.same(Object.keys(esm).sort(), [
     'ConflictError', 'HOP_BY_HOP_HEADERS', 'HaltedError', 'InvalidOptionError', 'KeyInvalidError',
-    'KeyMissingError', 'KeyMultipleError', 'MemoryStore', 'MismatchError', 'PluginOptionsSchema',
-    'RedisStore', 'RequestTracker', 'RouteOptionsSchema', 'StoreUnavailableError', 'default', 'idempotency'
+    'KeyMissingError', 'KeyMultipleError', 'MemoryStore', 'MismatchError', 'POSTGRES_SCHEMA', 'PluginOptionsSchema', 'PostgresStore',
+    'RedisStore', 'RequestTracker', 'RouteOptionsSchema', 'StoreUnavailableError', 'default', 'idempotency', 'postgresSchema'
   ])
 })
 

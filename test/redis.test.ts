@@ -1,16 +1,12 @@
-import { fork } from 'node:child_process'
-import { once } from 'node:events'
-import { request as httpRequest } from 'node:http'
-import type { AddressInfo } from 'node:net'
 import t, { type Test } from 'tap'
 import Fastify, { type FastifyInstance } from 'fastify'
 import fastifyRedis from '@fastify/redis'
 import { Redis } from 'ioredis'
 import idempotency, { InvalidOptionError, RedisStore, type IdempotencyOptions } from '../lib/index.js'
 import { requireRedis, startRedis, type RedisServer } from './helpers/redis-server.js'
+import { exactlyOnceAcrossInstances, killedInstance } from './helpers/shared-store.js'
 
 const key = (value: string) => ({ 'idempotency-key': value })
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
 if (requireRedis(t)) {
   let server: RedisServer
@@ -86,92 +82,15 @@ if (requireRedis(t)) {
   })
 
   t.test('many instances sharing one Redis run a keyed handler exactly once', async (t) => {
-    let runs = 0
-    const body = JSON.stringify({ amount: 100 })
-    const ports: number[] = []
-    for (let index = 0; index < 3; index++) {
-      const app = await redisApp(t)
-      app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
-        runs++
-        await sleep(150)
-        return reply.code(201).header('x-instance', String(index)).send({ id: 'ord_1', instance: index })
-      })
-      await app.listen({ host: '127.0.0.1', port: 0 })
-      ports.push((app.server.address() as AddressInfo).port)
-    }
-    const post = (port: number) => new Promise<{ status: number, body: string, replayed: boolean }>((resolve, reject) => {
-      const request = httpRequest({
-        host: '127.0.0.1',
-        port,
-        method: 'POST',
-        path: '/orders',
-        headers: { 'content-type': 'application/json', 'content-length': body.length, 'idempotency-key': 'shared' }
-      }, (response) => {
-        const chunks: Buffer[] = []
-        response.on('data', (chunk: Buffer) => chunks.push(chunk))
-        response.on('end', () => {
-          resolve({ status: response.statusCode ?? 0, body: Buffer.concat(chunks).toString(), replayed: response.headers['idempotent-replayed'] === 'true' })
-        })
-      })
-      request.on('error', reject)
-      request.end(body)
-    })
-    const responses = await Promise.all(Array.from({ length: 200 }, (_, index) => post(ports[index % 3] as number)))
-    t.equal(runs, 1, 'the handler ran once')
-    const created = responses.filter((response) => response.status === 201)
-    const others = responses.filter((response) => response.status !== 201)
-    t.ok(created.length >= 1)
-    t.ok(others.every((response) => response.status === 409), 'every other response is a 409 or a replay')
-    t.equal(new Set(created.map((response) => response.body)).size, 1, 'all 201s carry the same bytes')
-    t.equal(created.filter((response) => !response.replayed).length, 1, 'one original, the rest replays')
-    const after = await Promise.all(ports.map((port) => post(port)))
-    t.ok(after.every((response) => response.status === 201 && response.replayed && response.body === created[0]?.body),
-      'after completion every instance replays the same response')
-    t.equal(runs, 1)
+    await exactlyOnceAcrossInstances(t, redisApp)
   })
 
   t.test('a killed instance\'s record answers 409 until its lease lapses, then 500 HALTED', async (t) => {
-    const child = fork(new URL('./fixtures/redis-instance.ts', import.meta.url), [String(server.port), '300'], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
-    t.teardown(() => { child.kill('SIGKILL') })
-    const [{ port }] = await once(child, 'message') as [{ port: number }]
-    const orphan = httpRequest({ host: '127.0.0.1', port, method: 'POST', path: '/orders', headers: { ...key('crash'), 'content-type': 'application/json' } })
-    orphan.on('error', () => {})
-    orphan.end('{}')
-    await once(child, 'message')
-    const survivor = await redisApp(t, { processingTtl: 300 })
-    let runs = 0
-    survivor.post('/orders', { config: { idempotency: true } }, async () => ({ runs: ++runs }))
-    const send = () => survivor.inject({ method: 'POST', url: '/orders', headers: key('crash'), payload: {} })
-    await sleep(400)
-    t.equal((await send()).statusCode, 409, 'the child renews its lease while it lives')
-    child.kill('SIGKILL')
-    await once(child, 'exit')
-    t.equal((await send()).statusCode, 409, 'just after the kill the lease is still live')
-    await sleep(400)
-    const halted = await send()
-    t.equal(halted.statusCode, 500)
-    t.equal(halted.json().code, 'FST_IDEMPOTENCY_HALTED')
-    t.equal(runs, 0)
+    await killedInstance(t, redisApp, ['redis', String(server.port)], false)
   })
 
   t.test('with releaseOnError a killed instance\'s key is taken over once its lease lapses', async (t) => {
-    const child = fork(new URL('./fixtures/redis-instance.ts', import.meta.url), [String(server.port), '300'], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
-    t.teardown(() => { child.kill('SIGKILL') })
-    const [{ port }] = await once(child, 'message') as [{ port: number }]
-    const orphan = httpRequest({ host: '127.0.0.1', port, method: 'POST', path: '/orders', headers: { ...key('takeover'), 'content-type': 'application/json' } })
-    orphan.on('error', () => {})
-    orphan.end('{}')
-    await once(child, 'message')
-    child.kill('SIGKILL')
-    await once(child, 'exit')
-    const survivor = await redisApp(t, { processingTtl: 300, releaseOnError: true })
-    let runs = 0
-    survivor.post('/orders', { config: { idempotency: true } }, async () => ({ runs: ++runs }))
-    t.equal((await survivor.inject({ method: 'POST', url: '/orders', headers: key('takeover'), payload: {} })).statusCode, 409)
-    await sleep(400)
-    const taken = await survivor.inject({ method: 'POST', url: '/orders', headers: key('takeover'), payload: {} })
-    t.equal(taken.statusCode, 200)
-    t.same(taken.json(), { runs: 1 })
+    await killedInstance(t, redisApp, ['redis', String(server.port)], true)
   })
 
   t.test('store: \'redis\' uses the client of @fastify/redis', async (t) => {

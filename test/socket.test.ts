@@ -56,3 +56,52 @@ t.test('stores the response when the client disconnects first, and the retry get
   t.equal(runs, 1, 'the handler ran once')
   await app.close()
 })
+
+t.test('halts the record of a hijacked reply whose client went away before it ended', async (t) => {
+  const app = await buildApp({ releaseOnError: true })
+  const written = deferred()
+  let runs = 0
+  app.post('/raw', { config: { idempotency: true } }, async (request, reply) => {
+    runs++
+    reply.hijack()
+    reply.raw.writeHead(200, { 'content-type': 'text/plain' })
+    reply.raw.write('partial')
+    written.resolve()
+  })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as AddressInfo
+  const request = 'POST /raw HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n' +
+    'Idempotency-Key: hijacked\r\nContent-Length: 2\r\n\r\n{}'
+  await abandonRequest(port, request, written.promise)
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  const retry = await app.inject({ method: 'POST', url: '/raw', headers: { 'idempotency-key': 'hijacked' }, payload: {} })
+  t.equal(retry.statusCode, 500)
+  t.equal(retry.json().code, 'FST_IDEMPOTENCY_HALTED', 'halted, never released: the handler ran')
+  t.equal(runs, 1)
+  await app.close()
+})
+
+t.test('halts the record of a hijacked reply whose client left before the handler returned', async (t) => {
+  const app = await buildApp()
+  const received = deferred()
+  const gate = deferred()
+  let runs = 0
+  app.post('/raw', { config: { idempotency: true } }, async (request, reply) => {
+    runs++
+    reply.hijack()
+    received.resolve()
+    await gate.promise
+  })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const { port } = app.server.address() as AddressInfo
+  const request = 'POST /raw HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n' +
+    'Idempotency-Key: left\r\nContent-Length: 2\r\n\r\n{}'
+  await abandonRequest(port, request, received.promise)
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  gate.resolve()
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  const retry = await app.inject({ method: 'POST', url: '/raw', headers: { 'idempotency-key': 'left' }, payload: {} })
+  t.equal(retry.json().code, 'FST_IDEMPOTENCY_HALTED')
+  t.equal(runs, 1)
+  await app.close()
+})

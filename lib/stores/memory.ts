@@ -47,7 +47,8 @@ const EVICTION_WARNING_INTERVAL = 60_000
 
 /**
  * Keeps records in this process: for one instance, tests and development.
- * Bounded by `maxBytes`: when full it evicts the oldest finished records, never in-flight ones.
+ * Bounded by `maxBytes`: when full it evicts the oldest completed records, never in-flight or halted ones (a halted
+ * record stands for an outcome nobody knows; forgetting it would let a retry run again).
  *
  * @example
  * await app.register(idempotency, { store: new MemoryStore({ maxBytes: 16 * 1024 * 1024 }) })
@@ -72,11 +73,6 @@ export class MemoryStore implements IdempotencyStore {
   /** Bytes currently accounted to stored records. */
   get size (): number {
     return this.#bytes
-  }
-
-  /** Used by the plugin to give a store it created the app's logger. */
-  set logger (logger: WarningLogger) {
-    this.#logger = logger
   }
 
   async insert (key: string, record: NewRecord): Promise<InsertResult> {
@@ -119,6 +115,7 @@ export class MemoryStore implements IdempotencyStore {
     }
     if (update.state === 'processing') {
       entry.leaseExpiresAt = now + update.lease
+      entry.expiresAt = Math.max(entry.expiresAt, entry.leaseExpiresAt)
       return true
     }
     entry.state = update.state
@@ -170,7 +167,7 @@ export class MemoryStore implements IdempotencyStore {
       if (this.#bytes <= this.maxBytes) break
       if (entry.expiresAt <= now) {
         this.#remove(key, entry)
-      } else if (entry.state !== 'processing' && entry !== keep) {
+      } else if (entry.state === 'completed' && entry !== keep) {
         this.#remove(key, entry)
         evicted++
       }

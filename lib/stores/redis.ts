@@ -62,11 +62,16 @@ if not r[1] then return nil end
 ${NOW}
 return ${RECORD_REPLY}`
 
-const UPDATE = `local r = redis.call('HMGET', KEYS[1], 's', 'o')
+const UPDATE = `local r = redis.call('HMGET', KEYS[1], 's', 'o', 'e')
 if r[1] ~= 'p' or r[2] ~= ARGV[1] then return 0 end
 if ARGV[2] == 'r' then
   ${NOW}
-  redis.call('HSET', KEYS[1], 'l', now + tonumber(ARGV[3]))
+  local leaseEnd = now + tonumber(ARGV[3])
+  redis.call('HSET', KEYS[1], 'l', leaseEnd)
+  if tonumber(r[3]) < leaseEnd then
+    redis.call('HSET', KEYS[1], 'e', leaseEnd)
+    redis.call('PEXPIREAT', KEYS[1], leaseEnd)
+  end
   return 1
 end
 if ARGV[2] == 'h' then

@@ -49,7 +49,7 @@ export type InsertResult =
 export type RecordUpdate =
   | { state: 'completed', response: StoredResponse, expiresAt: number }
   | { state: 'halted', expiresAt: number }
-  /** Renews the lease. */
+  /** Renews the lease, and keeps the record alive at least until the lease ends. */
   | { state: 'processing', lease: number }
 
 /**

@@ -439,6 +439,23 @@ export function runConformance (t: Test, target: ConformanceTarget): void {
       t.equal((await store.lookup(haltedKey))?.state, 'halted')
     })
 
+    t.test('a renewed lease keeps a running record alive past its expiresAt', async (t) => {
+      const store = await open(t)
+      const key = uniqueKey('renew-past-expiry')
+      const first = record({ expiresAt: target.now() + LEASE, lease: LEASE })
+      await store.insert(key, first)
+      t.equal(await store.update(key, first.owner, { state: 'processing', lease: 3 * LEASE }), true)
+      await target.advance(PAST_LEASE)
+      const running = await store.lookup(key)
+      t.equal(running?.state, 'processing', 'still there after its first expiresAt')
+      t.equal(running?.leaseExpired, false)
+      t.ok((running?.expiresAt ?? 0) >= target.now(), 'its expiry moved with the lease')
+      t.strictSame(await store.insert(key, record({ fingerprint: first.fingerprint })), {
+        inserted: false,
+        record: { ...comparable(running), response: undefined }
+      }, 'a retry sees it running')
+    })
+
     t.test('an expired record cannot be deleted, even by its owner', async (t) => {
       const store = await open(t)
       const key = uniqueKey('delete-expired')

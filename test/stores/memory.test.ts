@@ -238,7 +238,7 @@ t.test('warns of evictions once, then at most once a minute with the count since
     'each of e, f and g evicted the oldest record')
 })
 
-t.test('the logger setter gives a store its logger, told of evictions made before it was set', async (t) => {
+t.test('evicts quietly without a logger', async (t) => {
   const clock = { now: 1_700_000_000_000 }
   const store = new MemoryStore({ maxBytes: 4096, now: () => clock.now })
   await complete(store, clock, 'a')
@@ -246,10 +246,18 @@ t.test('the logger setter gives a store its logger, told of evictions made befor
   await complete(store, clock, 'c')
   await complete(store, clock, 'd')
   t.equal(await store.lookup('a'), undefined, 'evicted with no logger to tell')
-  const warnings: Array<[object, string]> = []
-  store.logger = { warn: (object, message) => { warnings.push([object, message]) } }
-  await complete(store, clock, 'e')
-  t.strictSame(warnings, [[{ evicted: 2, maxBytes: 4096 }, WARNING]])
+})
+
+t.test('never evicts a halted record: its outcome is unknown', async (t) => {
+  const { store, clock, warnings } = clockedStore()
+  await store.insert('halted', { fingerprint: 'f', owner: 'h', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
+  await store.update('halted', 'h', { state: 'halted', expiresAt: clock.now + HOUR })
+  await complete(store, clock, 'a')
+  await complete(store, clock, 'b')
+  await complete(store, clock, 'c')
+  await complete(store, clock, 'd')
+  t.strictSame(await states(store, ['halted', 'a', 'b', 'c', 'd']), { halted: 'halted', a: undefined, b: 'completed', c: 'completed', d: 'completed' })
+  t.equal(warnings.length, 1)
 })
 
 t.test('defaults to 64 MiB and the system clock', async (t) => {

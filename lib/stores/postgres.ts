@@ -1,0 +1,254 @@
+import Type from 'typebox'
+import { compileOptions, withDefault } from '../options-validator.js'
+import type {
+  IdempotencyRecord,
+  IdempotencyStore,
+  InsertResult,
+  NewRecord,
+  RecordState,
+  RecordUpdate,
+  StoredResponse
+} from './store.js'
+
+/** A query as the store sends it: pg's query config. */
+export interface PostgresQuery {
+  text: string
+  values: unknown[]
+  name?: string
+}
+
+/**
+ * What the store needs of a pg `Pool` (e.g. `app.pg.pool` of @fastify/postgres): described by
+ * its shape, so that the types do not depend on pg being installed.
+ */
+export interface PostgresPool {
+  query (query: PostgresQuery): Promise<{ rows: any[], rowCount: number | null }>
+}
+
+/** The table's SQL, for the user's own migrations; `PostgresStore` runs it with `createTable: true`. */
+export function postgresSchema (table = 'idempotency_requests'): string {
+  const name = quoteIdentifier(table)
+  const bare = table.replace(/[^A-Za-z0-9_]/g, '_')
+  return `CREATE TABLE IF NOT EXISTS ${name} (
+  key text PRIMARY KEY,
+  state text NOT NULL CHECK (state IN ('processing', 'completed', 'halted')),
+  fingerprint text NOT NULL,
+  owner text,
+  expires_at timestamptz NOT NULL,
+  lease_expires_at timestamptz,
+  status_code smallint,
+  headers jsonb,
+  body bytea
+);
+CREATE INDEX IF NOT EXISTS ${quoteIdentifier(`${bare}_expires_at`)} ON ${name} (expires_at);
+CREATE INDEX IF NOT EXISTS ${quoteIdentifier(`${bare}_lease_expires_at`)} ON ${name} (lease_expires_at) WHERE state = 'processing';
+`
+}
+
+/** The schema for the default table name. */
+export const POSTGRES_SCHEMA = postgresSchema()
+
+const PostgresStoreOptionsSchema = Type.Object({
+  pool: Type.Unsafe<PostgresPool>(Type.Object({ query: Type.Function([], Type.Any()) }, {
+    description: 'a pg Pool (an object with query)'
+  })),
+  table: Type.Optional(withDefault(Type.String({ pattern: '^[A-Za-z_][A-Za-z0-9_]*(\\.[A-Za-z_][A-Za-z0-9_]*)?$', description: 'a table name, optionally schema-qualified' }), 'idempotency_requests')),
+  createTable: Type.Optional(withDefault(Type.Boolean(), false)),
+  timeout: Type.Optional(withDefault(Type.Integer({ minimum: 1 }), 1000)),
+  pruneBatchSize: Type.Optional(withDefault(Type.Integer({ minimum: 1 }), 1000))
+}, { additionalProperties: false })
+
+export interface PostgresStoreOptions {
+  /** The pool; the store never ends it. */
+  pool: PostgresPool
+  /** The table, optionally schema-qualified. Default `idempotency_requests`. */
+  table?: string
+  /** Create the table and its indexes if they do not exist, on first use. Default `false`. */
+  createTable?: boolean
+  /** ms a statement may take before it fails (and the request gets 503). Default 1000. */
+  timeout?: number
+  /** Rows one prune statement deletes at most. Default 1000. */
+  pruneBatchSize?: number
+}
+
+const INSERTED: InsertResult = Object.freeze({ inserted: true })
+const validateOptions = compileOptions(PostgresStoreOptionsSchema, { subject: 'PostgresStore', prefix: '' })
+
+interface RecordRow {
+  inserted: boolean
+  state: RecordState | null
+  fingerprint: string | null
+  expires_ms: number | null
+  lease_expired: boolean | null
+  status_code: number | null
+  headers: StoredResponse['headers'] | null
+  body: Buffer | null
+}
+
+/**
+ * Keeps records in a PostgreSQL table beside the app's own data, shared by every instance.
+ * Track is one statement (an `INSERT … ON CONFLICT` that also returns the existing record),
+ * completing is one; leases are judged by the database's clock, `now()`.
+ *
+ * @example
+ * await app.register(fastifyPostgres, { connectionString: process.env.DATABASE_URL })
+ * await app.register(idempotency, { store: new PostgresStore({ pool: app.pg.pool }) })
+ */
+export class PostgresStore implements IdempotencyStore {
+  readonly table: string
+  readonly timeout: number
+  readonly pruneBatchSize: number
+  #pool: PostgresPool
+  #ready: Promise<void> | undefined
+  #sql: ReturnType<typeof statements>
+
+  constructor (options: PostgresStoreOptions) {
+    const settings = validateOptions(options)
+    this.table = settings.table
+    this.timeout = settings.timeout
+    this.pruneBatchSize = settings.pruneBatchSize
+    this.#pool = settings.pool
+    this.#sql = statements(settings.table)
+    this.#ready = settings.createTable ? undefined : Promise.resolve()
+  }
+
+  async insert (key: string, record: NewRecord): Promise<InsertResult> {
+    const values = [key, record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease]
+    // A row committed by another transaction after this statement's snapshot was taken is not
+    // seen by the statement's SELECT, though its INSERT conflicted with it: then nothing comes
+    // back, and the statement runs again with a new snapshot.
+    for (;;) {
+      const rows = await this.#query('insert', { name: this.#sql.names.insert, text: this.#sql.insert, values }, (late) => {
+        // The insert may still commit after the timeout: undo it then, so that a request that
+        // got 503 holds no key.
+        late.then((result) => {
+          if ((result.rows[0] as RecordRow | undefined)?.inserted === true) this.delete(key, record.owner).catch(() => {})
+        }, () => {})
+      })
+      const row = rows[0] as RecordRow | undefined
+      if (row === undefined) continue
+      return row.inserted ? INSERTED : { inserted: false, record: toRecord(row) }
+    }
+  }
+
+  async lookup (key: string): Promise<IdempotencyRecord | undefined> {
+    const rows = await this.#query('lookup', { name: this.#sql.names.lookup, text: this.#sql.lookup, values: [key] })
+    return rows.length === 0 ? undefined : toRecord(rows[0] as RecordRow)
+  }
+
+  async update (key: string, owner: string, update: RecordUpdate): Promise<boolean> {
+    let query: PostgresQuery
+    if (update.state === 'processing') {
+      query = { name: this.#sql.names.renew, text: this.#sql.renew, values: [key, owner, update.lease] }
+    } else if (update.state === 'halted') {
+      query = { name: this.#sql.names.halt, text: this.#sql.halt, values: [key, owner, update.expiresAt] }
+    } else {
+      const { statusCode, headers, body } = update.response
+      query = { name: this.#sql.names.complete, text: this.#sql.complete, values: [key, owner, update.expiresAt, statusCode, headers, body] }
+    }
+    return (await this.#query('update', query)).length === 1
+  }
+
+  async delete (key: string, owner: string): Promise<boolean> {
+    return (await this.#query('delete', { name: this.#sql.names.delete, text: this.#sql.delete, values: [key, owner] })).length === 1
+  }
+
+  /**
+   * Deletes expired rows in batches of `pruneBatchSize`, each its own short statement that skips
+   * rows other transactions hold, so a prune never locks the table for long.
+   */
+  async prune (): Promise<number> {
+    let removed = 0
+    for (;;) {
+      const rows = await this.#query('prune', { name: this.#sql.names.prune, text: this.#sql.prune, values: [this.pruneBatchSize] })
+      removed += rows.length
+      if (rows.length < this.pruneBatchSize) return removed
+    }
+  }
+
+  async #query (operation: string, query: PostgresQuery, onTimeout?: (late: Promise<{ rows: unknown[] }>) => void): Promise<unknown[]> {
+    this.#ready ??= this.#pool.query({ text: postgresSchema(this.table), values: [] }).then(() => {}, (error: unknown) => {
+      this.#ready = undefined
+      throw error
+    })
+    const sent = this.#ready.then(() => this.#pool.query(query))
+    return await new Promise<unknown[]>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        onTimeout?.(sent)
+        reject(new Error(`postgres ${operation} timed out after ${this.timeout} ms`))
+      }, this.timeout)
+      sent.then((result) => {
+        clearTimeout(timer)
+        resolve(result.rows)
+      }, (error: unknown) => {
+        clearTimeout(timer)
+        reject(error)
+      })
+    })
+  }
+}
+
+// Prepared once per connection: the names carry the table, since one pool may serve two stores.
+function statements (tableName: string) {
+  const table = quoteIdentifier(tableName)
+  const name = (statement: string) => `idempotency-${statement}:${tableName}`
+  const record = `state, fingerprint, (extract(epoch FROM expires_at) * 1000)::float8 AS expires_ms,
+    (state = 'processing' AND lease_expires_at <= now()) AS lease_expired, status_code, headers, body`
+  return {
+    names: {
+      insert: name('insert'),
+      lookup: name('lookup'),
+      renew: name('renew'),
+      halt: name('halt'),
+      complete: name('complete'),
+      delete: name('delete'),
+      prune: name('prune')
+    },
+    insert: `WITH attempt AS (
+  INSERT INTO ${table} AS r (key, state, fingerprint, owner, expires_at, lease_expires_at)
+  VALUES ($1, 'processing', $2, $3, to_timestamp($4::float8 / 1000), now() + $5::float8 * interval '1 millisecond')
+  ON CONFLICT (key) DO UPDATE SET
+    state = 'processing', fingerprint = EXCLUDED.fingerprint, owner = EXCLUDED.owner,
+    expires_at = EXCLUDED.expires_at, lease_expires_at = EXCLUDED.lease_expires_at,
+    status_code = NULL, headers = NULL, body = NULL
+  WHERE r.expires_at <= now()
+    OR ($6::boolean AND r.state = 'processing' AND r.lease_expires_at <= now() AND r.fingerprint = EXCLUDED.fingerprint)
+  RETURNING 1
+)
+SELECT true AS inserted, NULL AS state, NULL AS fingerprint, NULL::float8 AS expires_ms, NULL::boolean AS lease_expired,
+  NULL::smallint AS status_code, NULL::jsonb AS headers, NULL::bytea AS body
+FROM attempt
+UNION ALL
+SELECT false, ${record} FROM ${table} WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM attempt)`,
+    lookup: `SELECT false AS inserted, ${record} FROM ${table} WHERE key = $1 AND expires_at > now()`,
+    renew: `UPDATE ${table} SET lease_expires_at = now() + $3::float8 * interval '1 millisecond',
+  expires_at = greatest(expires_at, now() + $3::float8 * interval '1 millisecond')
+WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING 1`,
+    halt: `UPDATE ${table} SET state = 'halted', expires_at = to_timestamp($3::float8 / 1000), owner = NULL, lease_expires_at = NULL
+WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING 1`,
+    complete: `UPDATE ${table} SET state = 'completed', expires_at = to_timestamp($3::float8 / 1000), owner = NULL,
+  lease_expires_at = NULL, status_code = $4, headers = $5, body = $6
+WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING 1`,
+    delete: `DELETE FROM ${table} WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING 1`,
+    prune: `DELETE FROM ${table} WHERE key IN (
+  SELECT key FROM ${table} WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED
+) RETURNING 1`
+  }
+}
+
+function toRecord (row: RecordRow): IdempotencyRecord {
+  const state = row.state as RecordState
+  return {
+    state,
+    fingerprint: row.fingerprint as string,
+    expiresAt: row.expires_ms as number,
+    leaseExpired: row.lease_expired === true,
+    response: state === 'completed'
+      ? { statusCode: row.status_code as number, headers: row.headers as StoredResponse['headers'], body: row.body as Buffer }
+      : undefined
+  }
+}
+
+function quoteIdentifier (name: string): string {
+  return name.split('.').map((part) => `"${part}"`).join('.')
+}
