@@ -5,15 +5,7 @@ import Fastify, { type FastifyRequest } from 'fastify'
 import idempotency from '../lib/index.js'
 import { buildApp } from './helpers/app.js'
 import { abandonRequest } from './helpers/http.js'
-
-const key = (value: string) => ({ 'idempotency-key': value })
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
-
-function deferred () {
-  let resolve!: () => void
-  const promise = new Promise<void>((done) => { resolve = done })
-  return { promise, resolve }
-}
+import { deferred, key, sleep } from './helpers/timing.js'
 
 t.test('a request running longer than cacheTtl keeps its record: a retry gets 409, not a second run', async (t) => {
   const app = await buildApp({ cacheTtl: 50, processingTtl: 30 })

@@ -5,19 +5,13 @@ import idempotency, { MemoryStore } from '../lib/index.js'
 import { buildApp } from './helpers/app.js'
 import { logCollector } from './helpers/logs.js'
 import { FaultyStore } from './helpers/stores.js'
+import { deferred, key } from './helpers/timing.js'
 
-const key = (value: string) => ({ 'idempotency-key': value })
 const halted = {
   statusCode: 500,
   code: 'FST_IDEMPOTENCY_HALTED',
   error: 'Internal Server Error',
   message: 'The original request was interrupted and its outcome is unknown'
-}
-
-function deferred () {
-  let resolve!: () => void
-  const promise = new Promise<void>((done) => { resolve = done })
-  return { promise, resolve }
 }
 
 t.test('halts the record when the handler fails with a 5xx or status-less error', async (t) => {

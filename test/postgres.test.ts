@@ -5,9 +5,7 @@ import pg from 'pg'
 import idempotency, { InvalidOptionError, PostgresStore, POSTGRES_SCHEMA, type IdempotencyOptions } from '../lib/index.js'
 import { requirePostgres, startPostgres, type PostgresServer } from './helpers/postgres-server.js'
 import { exactlyOnceAcrossInstances, killedInstance } from './helpers/shared-store.js'
-
-const key = (value: string) => ({ 'idempotency-key': value })
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+import { key, sleep } from './helpers/timing.js'
 
 t.test('store: \'postgres\' without @fastify/postgres fails at register, saying what to do', async (t) => {
   const app = Fastify()

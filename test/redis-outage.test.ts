@@ -3,9 +3,7 @@ import Fastify from 'fastify'
 import { Redis } from 'ioredis'
 import idempotency, { RedisStore } from '../lib/index.js'
 import { requireRedis, startRedis } from './helpers/redis-server.js'
-
-const key = (value: string) => ({ 'idempotency-key': value })
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+import { key, sleep } from './helpers/timing.js'
 
 if (requireRedis(t)) {
   t.test('answers 503 within the timeout while Redis is down, recovers by itself, and loses nothing', async (t) => {

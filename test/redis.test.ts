@@ -5,8 +5,7 @@ import { Redis } from 'ioredis'
 import idempotency, { InvalidOptionError, RedisStore, type IdempotencyOptions } from '../lib/index.js'
 import { requireRedis, startRedis, type RedisServer } from './helpers/redis-server.js'
 import { exactlyOnceAcrossInstances, killedInstance } from './helpers/shared-store.js'
-
-const key = (value: string) => ({ 'idempotency-key': value })
+import { key } from './helpers/timing.js'
 
 if (requireRedis(t)) {
   let server: RedisServer

@@ -2,14 +2,7 @@ import t from 'tap'
 import type { FastifyRequest } from 'fastify'
 import { ConflictError, MismatchError } from '../lib/index.js'
 import { buildApp } from './helpers/app.js'
-
-const key = (value: string) => ({ 'idempotency-key': value })
-
-function deferred () {
-  let resolve!: () => void
-  const promise = new Promise<void>((done) => { resolve = done })
-  return { promise, resolve }
-}
+import { deferred, key } from './helpers/timing.js'
 
 t.test('runs the first request once and sets Expires to when its record expires', async (t) => {
   const app = await buildApp({ cacheTtl: 60_000 })

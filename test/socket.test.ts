@@ -2,12 +2,7 @@ import t from 'tap'
 import type { AddressInfo } from 'node:net'
 import { buildApp } from './helpers/app.js'
 import { abandonRequest, rawRequest } from './helpers/http.js'
-
-function deferred () {
-  let resolve!: () => void
-  const promise = new Promise<void>((done) => { resolve = done })
-  return { promise, resolve }
-}
+import { deferred } from './helpers/timing.js'
 
 t.test('answers 400 KEY_MULTIPLE when the key is sent in two header lines', async (t) => {
   const app = await buildApp()

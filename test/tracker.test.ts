@@ -1,6 +1,7 @@
 import t from 'tap'
 import { MemoryStore, RequestTracker } from '../lib/index.js'
 import { FaultyStore } from './helpers/stores.js'
+import { sleep } from './helpers/timing.js'
 
 interface Warning { object: object, message: string }
 
@@ -10,7 +11,6 @@ function recordingLogger () {
 }
 
 const options = { cacheTtl: 60_000, processingTtl: 30, releaseOnError: false }
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
 t.test('track creates a record owned by the caller, then reports what later callers should get', async (t) => {
   const tracker = new RequestTracker(new MemoryStore(), { logger: recordingLogger(), ...options })

@@ -1,5 +1,6 @@
 import Type from 'typebox'
 import { compileOptions, withDefault } from '../options-validator.js'
+import { withTimeout } from './timeout.js'
 import type {
   IdempotencyRecord,
   IdempotencyStore,
@@ -172,23 +173,11 @@ export class PostgresStore implements IdempotencyStore {
       throw error
     })
     const sent = this.#ready.then(() => this.#pool.query(query))
-    return await new Promise<unknown[]>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        onTimeout?.(sent)
-        reject(new Error(`postgres ${operation} timed out after ${this.timeout} ms`))
-      }, this.timeout)
-      sent.then((result) => {
-        clearTimeout(timer)
-        resolve(result.rows)
-      }, (error: unknown) => {
-        clearTimeout(timer)
-        reject(error)
-      })
-    })
+    const message = `postgres ${operation} timed out after ${this.timeout} ms`
+    return (await withTimeout(sent, this.timeout, message, onTimeout === undefined ? undefined : () => { onTimeout(sent) })).rows
   }
 }
 
-// Prepared once per connection: the names carry the table, since one pool may serve two stores.
 function statements (tableName: string) {
   const table = quoteIdentifier(tableName)
   const name = (statement: string) => `idempotency-${statement}:${tableName}`

@@ -1,5 +1,6 @@
 import Type from 'typebox'
 import { compileOptions, withDefault } from '../options-validator.js'
+import { withTimeout } from './timeout.js'
 import type {
   IdempotencyRecord,
   IdempotencyStore,
@@ -176,19 +177,7 @@ export class RedisStore implements IdempotencyStore {
     if (DISCONNECTED.has(this.#client.status)) {
       throw new Error(`redis ${operation} failed: the client is ${this.#client.status}`)
     }
-    return await new Promise<Reply>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        onTimeout?.()
-        reject(new Error(`redis ${operation} timed out after ${this.timeout} ms`))
-      }, this.timeout)
-      send().then((reply) => {
-        clearTimeout(timer)
-        resolve(reply)
-      }, (error: unknown) => {
-        clearTimeout(timer)
-        reject(error)
-      })
-    })
+    return await withTimeout(send(), this.timeout, `redis ${operation} timed out after ${this.timeout} ms`, onTimeout)
   }
 }
 

@@ -5,12 +5,11 @@ import type { AddressInfo } from 'node:net'
 import type { Test } from 'tap'
 import type { FastifyInstance } from 'fastify'
 import type { IdempotencyOptions } from '../../lib/index.js'
+import { key, sleep } from './timing.js'
 
 /** Builds an app on the shared store under test; the helper closes it when the test ends. */
 export type SharedStoreApp = (t: Test, options?: IdempotencyOptions) => Promise<FastifyInstance>
 
-const key = (value: string) => ({ 'idempotency-key': value })
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
 interface Answer { status: number, body: string, replayed: boolean }
 

@@ -5,8 +5,7 @@ import pg from 'pg'
 import { InvalidOptionError, PostgresStore, POSTGRES_SCHEMA, postgresSchema, type IdempotencyStore } from '../../lib/index.js'
 import { runConformance } from './conformance.js'
 import { requirePostgres, startPostgres, type PostgresServer } from '../helpers/postgres-server.js'
-
-const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms))
+import { sleep } from '../helpers/timing.js'
 
 t.test('ships the table as SQL: exported, as a file, and printed by the CLI', async (t) => {
   t.match(POSTGRES_SCHEMA, /CREATE TABLE IF NOT EXISTS "idempotency_requests" \(\n {2}key text PRIMARY KEY,/)

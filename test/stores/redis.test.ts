@@ -3,8 +3,7 @@ import { Cluster, Redis } from 'ioredis'
 import { RedisStore, type IdempotencyStore } from '../../lib/index.js'
 import { runConformance } from './conformance.js'
 import { requireRedis, startRedis, startRedisCluster, type RedisClusterServers, type RedisServer } from '../helpers/redis-server.js'
-
-const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms))
+import { sleep } from '../helpers/timing.js'
 
 if (requireRedis(t)) {
   let server: RedisServer
