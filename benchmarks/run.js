@@ -18,9 +18,12 @@ const variants = (process.env.BENCH_VARIANTS ?? 'memory,redis').split(',')
 const scenarios = (process.env.BENCH_SCENARIOS ?? 'fresh,replay,none').split(',')
 const body = JSON.stringify({ amount: 100, currency: 'EUR' })
 
+// One prefix and one counter per benchmark run: the replay key stays the same across the
+// warm-up and every run, and a fresh key is never used twice.
+const prefix = `${process.pid}-${Date.now()}-`
+let next = 0
+
 function request (scenario) {
-  let next = 0
-  const prefix = `${process.pid}-${Date.now()}-`
   const base = { method: 'POST', path: '/orders', body, headers: { 'content-type': 'application/json' } }
   if (scenario === 'none') return [base]
   if (scenario === 'replay') return [{ ...base, headers: { ...base.headers, 'idempotency-key': `${prefix}replay` } }]
