@@ -3,7 +3,7 @@
 // small and noisy: read the ratios, not the absolute figures.
 import { fork, spawn } from 'node:child_process'
 import { once } from 'node:events'
-import { readFileSync } from 'node:fs'
+import { readdirSync, readFileSync } from 'node:fs'
 import { connect, createServer } from 'node:net'
 import autocannon from 'autocannon'
 
@@ -14,7 +14,10 @@ const warmup = Number(process.env.BENCH_WARMUP ?? 2)
 // Every server gets the same offered load, below what the slowest one sustains: CPU per request
 // falls as load rises (more requests per event-loop turn), so it is compared at equal load.
 const rate = Number(process.env.BENCH_RATE ?? 4000)
-const variants = (process.env.BENCH_VARIANTS ?? 'memory,redis').split(',')
+const variants = (process.env.BENCH_VARIANTS ?? 'memory,redis,postgres').split(',')
+// The PostgreSQL variant uses this server (the machine's own by default): every `postgres`
+// process's CPU is counted, so nothing else should use that server during the benchmark.
+const databaseUrl = process.env.BENCH_DATABASE_URL ?? process.env.DATABASE_URL ?? 'postgresql://postgres@127.0.0.1:5432/postgres'
 const scenarios = (process.env.BENCH_SCENARIOS ?? 'fresh,replay,none').split(',')
 const body = JSON.stringify({ amount: 100, currency: 'EUR' })
 
@@ -55,23 +58,40 @@ async function startRedis () {
   for (let attempt = 0; attempt < 100 && !await answers(port); attempt++) {
     await new Promise((resolve) => setTimeout(resolve, 50))
   }
-  // utime + stime, in clock ticks of 10 ms, from /proc
-  const cpu = () => {
-    const fields = readFileSync(`/proc/${child.pid}/stat`, 'utf8').split(') ')[1].split(' ')
+  return { port, cpu: () => processCpu(child.pid), stop: async () => { child.kill('SIGTERM'); await once(child, 'exit') } }
+}
+
+// utime + stime of a process, in µs, from /proc (clock ticks of 10 ms)
+function processCpu (pid) {
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')
     return (Number(fields[11]) + Number(fields[12])) * 10_000
+  } catch {
+    return 0
   }
-  return { port, cpu, stop: async () => { child.kill('SIGTERM'); await once(child, 'exit') } }
+}
+
+// Every process named postgres: the server and its backends.
+function postgresCpu () {
+  let total = 0
+  for (const pid of readdirSync('/proc').filter((name) => /^\d+$/.test(name))) {
+    try {
+      if (readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'postgres') total += processCpu(pid)
+    } catch {}
+  }
+  return total
 }
 
 async function start (variant) {
   const redis = variant === 'redis' ? await startRedis() : undefined
-  const env = redis === undefined ? process.env : { ...process.env, BENCH_REDIS_PORT: String(redis.port) }
+  const env = { ...process.env, BENCH_REDIS_PORT: String(redis?.port), BENCH_DATABASE_URL: databaseUrl }
+  const storeCpu = variant === 'redis' ? () => redis.cpu() : variant === 'postgres' ? postgresCpu : () => 0
   const child = fork(new URL('./server.js', import.meta.url), [variant], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env })
   const [{ port }] = await once(child, 'message')
   const cpu = async () => {
     child.send('cpu')
     const [{ cpu: usage }] = await once(child, 'message')
-    return usage.user + usage.system + (redis === undefined ? 0 : redis.cpu())
+    return usage.user + usage.system + storeCpu()
   }
   return {
     port,

@@ -3,7 +3,8 @@
 // only this process's work, not autocannon's.
 import Fastify from 'fastify'
 import { Redis } from 'ioredis'
-import idempotency, { RedisStore } from '../dist/index.js'
+import pg from 'pg'
+import idempotency, { PostgresStore, RedisStore } from '../dist/index.js'
 
 const variant = process.argv[2] ?? 'bare'
 const app = Fastify({ logger: false })
@@ -29,6 +30,15 @@ async function storeFor (name) {
     const client = new Redis({ host: '127.0.0.1', port: Number(process.env.BENCH_REDIS_PORT) })
     app.addHook('onClose', async () => { client.disconnect() })
     return new RedisStore({ client })
+  }
+  if (name === 'postgres') {
+    const pool = new pg.Pool({ connectionString: process.env.BENCH_DATABASE_URL, max: 10 })
+    const table = `bench_${process.pid}`
+    app.addHook('onClose', async () => {
+      await pool.query(`DROP TABLE IF EXISTS ${table}`)
+      await pool.end()
+    })
+    return new PostgresStore({ pool, table, createTable: true })
   }
   throw new Error(`unknown benchmark variant ${name}`)
 }

@@ -193,9 +193,16 @@ function statements (tableName: string) {
       delete: name('delete'),
       prune: name('prune')
     },
-    insert: `WITH attempt AS (
+    // A live row is read without a write or a lock, so a replay costs one read; only when there
+    // is none does the INSERT run, whose conflict check keeps two instances from both inserting.
+    insert: `WITH existing AS (
+  SELECT ${record} FROM ${table}
+  WHERE key = $1 AND expires_at > now()
+    AND NOT ($6::boolean AND state = 'processing' AND lease_expires_at <= now() AND fingerprint = $2)
+), attempt AS (
   INSERT INTO ${table} AS r (key, state, fingerprint, owner, expires_at, lease_expires_at)
-  VALUES ($1, 'processing', $2, $3, to_timestamp($4::float8 / 1000), now() + $5::float8 * interval '1 millisecond')
+  SELECT $1, 'processing', $2, $3, to_timestamp($4::float8 / 1000), now() + $5::float8 * interval '1 millisecond'
+  WHERE NOT EXISTS (SELECT 1 FROM existing)
   ON CONFLICT (key) DO UPDATE SET
     state = 'processing', fingerprint = EXCLUDED.fingerprint, owner = EXCLUDED.owner,
     expires_at = EXCLUDED.expires_at, lease_expires_at = EXCLUDED.lease_expires_at,
@@ -208,7 +215,7 @@ SELECT true AS inserted, NULL AS state, NULL AS fingerprint, NULL::float8 AS exp
   NULL::smallint AS status_code, NULL::jsonb AS headers, NULL::bytea AS body
 FROM attempt
 UNION ALL
-SELECT false, ${record} FROM ${table} WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM attempt)`,
+SELECT false, * FROM existing`,
     lookup: `SELECT false AS inserted, ${record} FROM ${table} WHERE key = $1 AND expires_at > now()`,
     renew: `UPDATE ${table} SET lease_expires_at = now() + $3::float8 * interval '1 millisecond',
   expires_at = greatest(expires_at, now() + $3::float8 * interval '1 millisecond')
