@@ -157,7 +157,9 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
         owned.handler = 'settled'
         throw error
       }
-      if (isPromiseLike(result)) {
+      // A reply is thenable too (it resolves when the response ends): returned from a handler,
+      // it means the handler is done.
+      if (result !== reply && isPromiseLike(result)) {
         return Promise.resolve(result).finally(() => { handlerSettled(request, reply, owned) })
       }
       handlerSettled(request, reply, owned)
@@ -248,9 +250,9 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
         return
       }
       if (reply.statusCode >= 500) {
-        // A 5xx while the handler still runs (Fastify's handlerTimeout) must not free the key
-        // for a second, concurrent run.
-        const release = owned.route.track.releaseOnError && owned.handler === 'settled'
+        // An error answered while the handler still runs (Fastify's handlerTimeout) must not
+        // free the key for a second, concurrent run.
+        const release = owned.route.track.releaseOnError && (owned.handler === 'settled' || owned.error === undefined)
         settle(request, owned, release ? 'release' : 'halt', 'the handler failed').then(() => { next(null, payload) })
         return
       }

@@ -190,6 +190,10 @@ t.test('a synchronous handler is tracked like an async one', async (t) => {
     runs++
     reply.code(201).send({ runs })
   })
+  app.post('/sync-reply', { config: { idempotency: { releaseOnError: true } } }, function (request, reply) {
+    runs++
+    return reply.code(503).send({ unavailable: true })
+  })
   app.post('/sync-throw', { config: { idempotency: true } }, function () {
     runs++
     throw new Error('sync failure')
@@ -198,9 +202,12 @@ t.test('a synchronous handler is tracked like an async one', async (t) => {
   const replay = await app.inject({ method: 'POST', url: '/sync', headers: key('k'), payload: {} })
   t.equal(replay.statusCode, 201)
   t.equal(replay.headers['idempotent-replayed'], 'true')
+  t.equal((await app.inject({ method: 'POST', url: '/sync-reply', headers: key('k'), payload: {} })).statusCode, 503)
+  t.equal((await app.inject({ method: 'POST', url: '/sync-reply', headers: key('k'), payload: {} })).statusCode, 503,
+    'a handler that returned its reply is done: with releaseOnError its 5xx frees the key')
   t.equal((await app.inject({ method: 'POST', url: '/sync-throw', headers: key('k'), payload: {} })).statusCode, 500)
   t.equal((await app.inject({ method: 'POST', url: '/sync-throw', headers: key('k'), payload: {} })).json().code, 'FST_IDEMPOTENCY_HALTED')
-  t.equal(runs, 2)
+  t.equal(runs, 4)
   await app.close()
 })
 
