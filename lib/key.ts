@@ -67,7 +67,7 @@ const FLUSH_AT = 4096
  * hashed in one call; a large one is fed to an incremental hash in chunks, never built into one
  * string.
  */
-export class Fingerprint {
+class Fingerprint {
   #hash: Hash | undefined
   #pending = ''
 

@@ -306,11 +306,13 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     const params = request.params as Record<string, string> | undefined
     const target = params === undefined || Object.keys(params).length === 0 ? routeUrl : `${routeUrl}\n${JSON.stringify(params)}`
     const key = storageKey(scope, request.method, target, clientKey)
-    let material = route.fingerprint === undefined ? undefined : route.fingerprint(request)
-    if (isPromiseLike(material)) material = await material
-    const fingerprint = route.fingerprint === undefined
-      ? requestFingerprint(request.query, request.body)
-      : valueFingerprint(material)
+    let fingerprint: string
+    if (route.fingerprint === undefined) {
+      fingerprint = requestFingerprint(request.query, request.body)
+    } else {
+      const material = route.fingerprint(request)
+      fingerprint = valueFingerprint(isPromiseLike(material) ? await material : material)
+    }
     let result
     try {
       result = await tracker.track(key, fingerprint, route.track)
