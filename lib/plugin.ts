@@ -19,6 +19,7 @@ import {
   StoreUnavailableError,
   isIdempotencyError
 } from './errors.js'
+import { andThen, isPromiseLike } from './awaitable.js'
 import { countHeaderLines, parseKey, requestFingerprint, storageKey, valueFingerprint } from './key.js'
 import {
   validatePluginOptions,
@@ -31,8 +32,8 @@ import {
 import { MemoryStore } from './stores/memory.js'
 import { PostgresStore, type PostgresPool } from './stores/postgres.js'
 import { RedisStore, type RedisClient } from './stores/redis.js'
-import type { StoredResponse } from './stores/store.js'
-import { RequestTracker, type TrackOptions } from './tracker.js'
+import type { Awaitable, StoredResponse } from './stores/store.js'
+import { RequestTracker, type TrackOptions, type TrackResult } from './tracker.js'
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -64,14 +65,25 @@ interface OwnedRecord {
   owner: string
   route: RouteSettings
   error: Error | undefined
-  handler: 'pending' | 'running' | 'settled'
+  handlerDone: boolean
+  /** Set once an error armed the check that the response reached onSend. */
+  watched: boolean
   /** The reply's headers when the handler started: the app's, not the handler's. */
   headersBefore: ReturnType<FastifyReply['getHeaders']> | undefined
 }
 
+/** What tracking decided: the record this request owns and runs, or nothing when it was answered. */
+type TrackOutcome = OwnedRecord | undefined
+
 const kOwnedRecord = Symbol('fastify-idempotency.owned-record')
 const kReplayed = Symbol('fastify-idempotency.replayed')
-type TrackedRequest = FastifyRequest & { [kOwnedRecord]: OwnedRecord | undefined, [kReplayed]: StoredResponse | undefined }
+const kAnswered = Symbol('fastify-idempotency.answered')
+type TrackedRequest = FastifyRequest & {
+  [kOwnedRecord]: OwnedRecord | undefined
+  [kReplayed]: StoredResponse | undefined
+  /** An error was answered before the handler ran (a handler timeout while the store was asked). */
+  [kAnswered]: boolean
+}
 const REGISTER_OPTIONS = new Set(['prefix', 'logLevel', 'logSerializers'])
 
 async function idempotencyPlugin (fastify: FastifyInstance, options: IdempotencyOptions): Promise<void> {
@@ -96,9 +108,10 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
   fastify.decorateRequest('idempotencyKey', undefined)
   fastify.decorateRequest(kOwnedRecord, undefined)
   fastify.decorateRequest(kReplayed, undefined)
+  fastify.decorateRequest(kAnswered, false)
 
   const pruneTimer = setInterval(() => {
-    tracker.prune().catch((error: unknown) => {
+    Promise.resolve().then(() => tracker.prune()).catch((error: unknown) => {
       fastify.log.warn({ err: error }, 'idempotency store prune failed')
     })
   }, settings.prune).unref()
@@ -138,32 +151,28 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     }, methods.length === routeMethods.length ? undefined : new Set(methods))
   })
 
-  // Route-level hooks, appended after the route's own: the key is checked before the body is
-  // read, and tracking runs after the route's own hooks so that `scope` can read `request.user`.
-  // The handler is wrapped to know whether it ran: a response that did not come from it (a later
-  // hook answered, or a handler timeout fired while it still runs) must not settle the record
-  // as if it had.
+  // Route-level hooks, appended after the route's own. The key is checked in onRequest, before
+  // the body is read; tracking runs in the handler's place, after the route's own hooks, so that
+  // `scope` can read `request.user` and no hook can answer between tracking and the handler.
+  // Requests without a key cost one onRequest and one onSend call.
   function attach (route: RouteOptions, routeSettings: RouteSettings, onlyMethods: Set<string> | undefined): void {
     const handler = route.handler
     route.handler = function trackedHandler (this: FastifyInstance, request: FastifyRequest, reply: FastifyReply) {
-      const owned = (request as TrackedRequest)[kOwnedRecord]
-      if (owned === undefined) return handler.call(this, request, reply)
-      owned.handler = 'running'
-      owned.headersBefore = reply.getHeaders()
-      let result: unknown
+      const clientKey = request.idempotencyKey
+      if (clientKey === undefined) return handler.call(this, request, reply)
+      let tracked: Awaitable<TrackOutcome>
       try {
-        result = handler.call(this, request, reply)
+        tracked = track(request, reply, clientKey, routeSettings)
       } catch (error) {
-        owned.handler = 'settled'
-        throw error
+        return fail(request, reply, error as Error)
       }
-      // A reply is thenable too (it resolves when the response ends): returned from a handler,
-      // it means the handler is done.
-      if (result !== reply && isPromiseLike(result)) {
-        return Promise.resolve(result).finally(() => { handlerSettled(request, reply, owned) })
-      }
-      handlerSettled(request, reply, owned)
-      return result
+      if (!isPromiseLike(tracked)) return tracked === undefined ? undefined : runOwned(this, handler, request, reply, tracked)
+      // Fastify sends what a handler's promise resolves to, unless the reply was sent: a
+      // replayed or refused request resolves to its reply, which resolves once the response ends.
+      return tracked.then(
+        (owned) => owned === undefined ? reply : runOwned(this, handler, request, reply, owned),
+        (error: Error) => fail(request, reply, error) ?? reply
+      )
     }
 
     route.onRequest = append(route.onRequest, function checkKey (request: FastifyRequest, reply: FastifyReply, next: HookHandlerDoneFunction) {
@@ -173,46 +182,38 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
       }
       const value = request.headers[header]
       if (value === undefined) {
-        if (routeSettings.required) fail(request, reply, new KeyMissingError(headerLabel), next)
+        if (routeSettings.required) refuse(request, reply, new KeyMissingError(headerLabel), next)
         else next()
         return
       }
       if (typeof value !== 'string' || (value.includes(',') && countHeaderLines(request.raw.rawHeaders, header) > 1)) {
-        fail(request, reply, new KeyMultipleError(headerLabel), next)
+        refuse(request, reply, new KeyMultipleError(headerLabel), next)
         return
       }
       const key = parseKey(value, settings.maxKeyLength)
       if (key === undefined) {
-        fail(request, reply, new KeyInvalidError(headerLabel, settings.maxKeyLength), next)
+        refuse(request, reply, new KeyInvalidError(headerLabel, settings.maxKeyLength), next)
         return
       }
       request.idempotencyKey = key
       next()
     })
 
-    route.preHandler = append(route.preHandler, function trackRequest (request: FastifyRequest, reply: FastifyReply, next: HookHandlerDoneFunction) {
-      const clientKey = request.idempotencyKey
-      if (clientKey === undefined) {
-        next()
-        return
-      }
-      track(request, reply, clientKey, routeSettings).then((runHandler) => {
-        if (runHandler) next()
-      }, (error: Error) => {
-        fail(request, reply, error, next)
-      })
-    })
-
-    route.onError = append(route.onError, function noteError (request: FastifyRequest, _reply: FastifyReply, error: Error, next: () => void) {
+    // A response that does not pass through onSend after an error (Fastify's fallback when the
+    // error response fails too) is settled once it ends.
+    route.onError = append(route.onError, function noteError (request: FastifyRequest, reply: FastifyReply, error: Error, next: () => void) {
       const owned = (request as TrackedRequest)[kOwnedRecord]
-      if (owned !== undefined) owned.error = error
-      next()
-    })
-
-    // A response that never passed through onSend (a failed onSend chain) is settled here.
-    route.onResponse = append(route.onResponse, function settleUnsent (request: FastifyRequest, _reply: FastifyReply, next: () => void) {
-      const owned = takeOwned(request)
-      if (owned !== undefined) void settle(request, owned, 'halt', 'the response was not seen by onSend and is not stored')
+      if (owned === undefined) {
+        ;(request as TrackedRequest)[kAnswered] = true
+      } else {
+        owned.error = error
+        if (!owned.watched) {
+          owned.watched = true
+          reply.raw.once('close', () => {
+            if (takeOwned(request) === owned) void settle(request, owned, 'halt', 'the response was not seen by onSend and is not stored')
+          })
+        }
+      }
       next()
     })
 
@@ -227,12 +228,7 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
         next(null, payload)
         return
       }
-      if (owned.handler === 'pending') {
-        // A hook after tracking answered: the handler never ran, so the key is free again.
-        settle(request, owned, 'release', 'the handler did not run').then(() => { next(null, payload) })
-        return
-      }
-      let body: Buffer | undefined
+      let body: Buffer | string | undefined
       let source: Readable | undefined
       try {
         if (isWebResponse(payload)) {
@@ -243,17 +239,18 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
           payload = payload.body
         }
         if (payload instanceof ReadableStream) payload = Readable.fromWeb(payload as never)
-        if (isReadable(payload)) source = payload
+        if (typeof payload === 'string') body = payload
+        else if (isReadable(payload)) source = payload
         else body = toBuffer(payload)
       } catch (error) {
-        settle(request, owned, 'halt', 'the response could not be read').then(() => { next(error as Error) })
+        andThen(settle(request, owned, 'halt', 'the response could not be read'), () => { next(error as Error) })
         return
       }
       if (reply.statusCode >= 500) {
         // An error answered while the handler still runs (Fastify's handlerTimeout) must not
         // free the key for a second, concurrent run.
-        const release = owned.route.track.releaseOnError && (owned.handler === 'settled' || owned.error === undefined)
-        settle(request, owned, release ? 'release' : 'halt', 'the handler failed').then(() => { next(null, payload) })
+        const release = owned.route.track.releaseOnError && (owned.handlerDone || owned.error === undefined)
+        andThen(settle(request, owned, release ? 'release' : 'halt', 'the handler failed'), () => { next(null, payload) })
         return
       }
       const expiresAt = Date.now() + owned.route.track.cacheTtl
@@ -269,73 +266,109 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
         return
       }
       // The payload itself goes on: Node sends a string with its headers in one write, which
-      // costs less than the two-part write of a Buffer.
-      if (body.length > owned.route.maxResponseSize) {
-        haltOversized(request, owned, body.length).then(() => { next(null, payload) })
-        return
-      }
-      saveCompleted(request, owned, response(reply, owned, body), expiresAt).then(() => { next(null, payload) })
+      // costs less than the two-part write of a Buffer. A string is stored as it is, too.
+      const saved = exceeds(body, owned.route.maxResponseSize)
+        ? haltOversized(request, owned, Buffer.byteLength(body))
+        : saveCompleted(request, owned, response(reply, owned, body), expiresAt)
+      if (isPromiseLike(saved)) saved.then(() => { next(null, payload) })
+      else next(null, payload)
     })
+  }
+
+  // The handler runs only for the request that created the record.
+  function runOwned (instance: FastifyInstance, handler: RouteOptions['handler'], request: FastifyRequest, reply: FastifyReply, owned: OwnedRecord): unknown {
+    if ((request as TrackedRequest)[kAnswered] || reply.sent || reply.raw.headersSent) {
+      // Answered (a handler timeout) while the store was asked: the handler never runs, so the
+      // key is free again.
+      return andThen(settle(request, owned, 'release', 'the request was answered before its handler ran'), () => reply)
+    }
+    owned.headersBefore = reply.getHeaders()
+    ;(request as TrackedRequest)[kOwnedRecord] = owned
+    let result: unknown
+    try {
+      result = handler.call(instance, request, reply)
+    } catch (error) {
+      owned.handlerDone = true
+      throw error
+    }
+    // A reply is thenable too (it resolves when the response ends): returned from a handler,
+    // it means the handler is done. The handler's own promise goes back to Fastify untouched.
+    if (result !== reply && isPromiseLike(result)) {
+      const done = (): void => { handlerSettled(request, reply, owned) }
+      result.then(done, done)
+    } else {
+      handlerSettled(request, reply, owned)
+    }
+    return result
   }
 
   // A hijacked reply never reaches onSend: once its response ends, the record is halted (the
   // handler did its work, but what it sent is not known).
   function handlerSettled (request: FastifyRequest, reply: FastifyReply, owned: OwnedRecord): void {
-    owned.handler = 'settled'
+    owned.handlerDone = true
     // `sent` is true for a hijacked reply; any other reply still owning its record is on its way
     // to onSend.
     if (!reply.sent || (request as TrackedRequest)[kOwnedRecord] !== owned) return
     const res = reply.raw
-    const settleHijacked = () => {
+    const settleHijacked = (): void => {
       if (takeOwned(request) === owned) void settle(request, owned, 'halt', 'the reply was hijacked and is not stored')
     }
     if (res.writableEnded || res.destroyed) settleHijacked()
     else res.once('close', settleHijacked)
   }
 
-  async function track (request: FastifyRequest, reply: FastifyReply, clientKey: string, route: RouteSettings): Promise<boolean> {
-    let scope = ''
-    if (route.scope !== undefined) {
-      const owner = route.scope(request)
-      scope = typeof owner === 'string' ? owner : await owner
-      if (typeof scope !== 'string') throw new TypeError('the idempotency scope function must return a string')
-    }
+  // Tracking goes on synchronously as long as the scope, the fingerprint and the store answer
+  // synchronously; each of them may also answer with a promise.
+  function track (request: FastifyRequest, reply: FastifyReply, clientKey: string, route: RouteSettings): Awaitable<TrackOutcome> {
+    if (route.scope === undefined) return trackScoped(request, reply, clientKey, route, '')
+    const scope = route.scope(request)
+    return isPromiseLike(scope)
+      ? scope.then((value) => trackScoped(request, reply, clientKey, route, value))
+      : trackScoped(request, reply, clientKey, route, scope)
+  }
+
+  function trackScoped (request: FastifyRequest, reply: FastifyReply, clientKey: string, route: RouteSettings, scope: unknown): Awaitable<TrackOutcome> {
+    if (typeof scope !== 'string') throw new TypeError('the idempotency scope function must return a string')
     // The route's pattern and its parameters, not the raw URL: `/orders/a/`, `/ORDERS/a` or
     // `/orders/%61` reach the same route with the same parameters, so they are the same request.
     const routeUrl = request.routeOptions.url as string
     const params = request.params as Record<string, string> | undefined
-    const target = params === undefined || Object.keys(params).length === 0 ? routeUrl : `${routeUrl}\n${JSON.stringify(params)}`
+    const target = params === undefined || isEmpty(params) ? routeUrl : `${routeUrl}\n${JSON.stringify(params)}`
     const key = storageKey(scope, request.method, target, clientKey)
-    let fingerprint: string
     if (route.fingerprint === undefined) {
-      fingerprint = requestFingerprint(request.query, request.body)
-    } else {
-      const material = route.fingerprint(request)
-      fingerprint = valueFingerprint(isPromiseLike(material) ? await material : material)
+      return trackFingerprinted(request, reply, key, requestFingerprint(request.query, request.body), route)
     }
-    let result
+    const material = route.fingerprint(request)
+    return isPromiseLike(material)
+      ? material.then((value) => trackFingerprinted(request, reply, key, valueFingerprint(value), route))
+      : trackFingerprinted(request, reply, key, valueFingerprint(material), route)
+  }
+
+  function trackFingerprinted (request: FastifyRequest, reply: FastifyReply, key: string, fingerprint: string, route: RouteSettings): Awaitable<TrackOutcome> {
+    let result: Awaitable<TrackResult>
     try {
-      result = await tracker.track(key, fingerprint, route.track)
+      result = tracker.track(key, fingerprint, route.track)
     } catch (error) {
-      request.log.error({ err: error }, 'idempotency store failed while tracking the request')
-      throw new StoreUnavailableError()
+      throw storeFailed(request, error)
     }
+    if (!isPromiseLike(result)) return outcome(request, reply, key, route, result)
+    return result.then((value) => outcome(request, reply, key, route, value), (error: unknown) => { throw storeFailed(request, error) })
+  }
+
+  function storeFailed (request: FastifyRequest, error: unknown): Error {
+    request.log.error({ err: error }, 'idempotency store failed while tracking the request')
+    return new StoreUnavailableError()
+  }
+
+  function outcome (request: FastifyRequest, reply: FastifyReply, key: string, route: RouteSettings, result: TrackResult): TrackOutcome {
     switch (result.status) {
       case 'created':
-        ;(request as TrackedRequest)[kOwnedRecord] = {
-          key,
-          owner: result.owner,
-          route,
-          error: undefined,
-          handler: 'pending',
-          headersBefore: undefined
-        }
-        return true
+        return { key, owner: result.owner, route, error: undefined, handlerDone: false, watched: false, headersBefore: undefined }
       case 'completed':
         ;(request as TrackedRequest)[kReplayed] = result.response
         reply.code(result.response.statusCode)
         reply.send(replayBody(result.response.body))
-        return false
+        return undefined
       case 'processing':
         throw new ConflictError()
       case 'mismatch':
@@ -357,7 +390,7 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
 
   // The headers the handler set: those the app set before it ran (CORS, request ids) belong to
   // each request and are not replayed.
-  function response (reply: FastifyReply, owned: OwnedRecord, body: Buffer): StoredResponse {
+  function response (reply: FastifyReply, owned: OwnedRecord, body: Buffer | string): StoredResponse {
     const headers: StoredResponse['headers'] = {}
     const before = owned.headersBefore
     const all = reply.getHeaders()
@@ -368,32 +401,51 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     return { statusCode: reply.statusCode, headers, body }
   }
 
-  async function saveCompleted (request: FastifyRequest, owned: OwnedRecord, stored: StoredResponse, expiresAt: number): Promise<void> {
+  function saveCompleted (request: FastifyRequest, owned: OwnedRecord, stored: StoredResponse, expiresAt: number): Awaitable<void> {
+    let saved: Awaitable<boolean>
     try {
-      if (!await tracker.putResponse(owned.key, owned.owner, stored, expiresAt)) {
-        request.log.warn('idempotency record was taken over before the response was saved; it is not stored')
-      }
+      saved = tracker.putResponse(owned.key, owned.owner, stored, expiresAt)
     } catch (error) {
-      request.log.error({ err: error }, 'idempotency store failed while saving the response; retries will see the request as halted')
+      saveFailed(request, error)
+      return
     }
+    if (isPromiseLike(saved)) return saved.then((done) => { savedResponse(request, done) }, (error: unknown) => { saveFailed(request, error) })
+    savedResponse(request, saved)
+  }
+
+  function savedResponse (request: FastifyRequest, done: boolean): void {
+    if (!done) request.log.warn('idempotency record was taken over before the response was saved; it is not stored')
+  }
+
+  function saveFailed (request: FastifyRequest, error: unknown): void {
+    request.log.error({ err: error }, 'idempotency store failed while saving the response; retries will see the request as halted')
   }
 
   // `halt`: the outcome is unknown and retries are told so. `release`: the record is deleted and
   // a retry runs the handler, only where that cannot run it twice.
-  async function settle (request: FastifyRequest, owned: OwnedRecord, action: 'halt' | 'release', reason: string, details: object = {}): Promise<void> {
-    try {
-      const settled = action === 'release'
-        ? await tracker.release(owned.key, owned.owner)
-        : await tracker.halt(owned.key, owned.owner, Date.now() + owned.route.track.cacheTtl)
-      if (settled) request.log.warn({ err: owned.error, ...details }, `idempotency record ${action === 'release' ? 'released' : 'halted'}: ${reason}`)
+  function settle (request: FastifyRequest, owned: OwnedRecord, action: 'halt' | 'release', reason: string, details: object = {}): Awaitable<void> {
+    const settled = (done: boolean): void => {
+      if (done) request.log.warn({ err: owned.error, ...details }, `idempotency record ${action === 'release' ? 'released' : 'halted'}: ${reason}`)
       else request.log.warn('idempotency record was taken over before it was settled')
-    } catch (error) {
+    }
+    const failed = (error: unknown): void => {
       tracker.forget(owned.owner)
       request.log.error({ err: error }, `idempotency store failed while settling a request (${reason})`)
     }
+    let done: Awaitable<boolean>
+    try {
+      done = action === 'release'
+        ? tracker.release(owned.key, owned.owner)
+        : tracker.halt(owned.key, owned.owner, Date.now() + owned.route.track.cacheTtl)
+    } catch (error) {
+      failed(error)
+      return
+    }
+    if (isPromiseLike(done)) return done.then(settled, failed)
+    settled(done)
   }
 
-  function haltOversized (request: FastifyRequest, owned: OwnedRecord, size: number): Promise<void> {
+  function haltOversized (request: FastifyRequest, owned: OwnedRecord, size: number): Awaitable<void> {
     return settle(request, owned, 'halt', 'the response is larger than maxResponseSize and is not stored',
       { size, maxResponseSize: owned.route.maxResponseSize })
   }
@@ -411,10 +463,9 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
         callback(null, chunk)
       },
       flush (callback) {
-        const settled = size > limit
+        andThen(size > limit
           ? haltOversized(request, owned, size)
-          : saveCompleted(request, owned, response(reply, owned, Buffer.concat(chunks, size)), expiresAt)
-        settled.then(() => { callback() })
+          : saveCompleted(request, owned, response(reply, owned, Buffer.concat(chunks, size)), expiresAt), () => { callback() })
       }
     })
     pipeline(source, capture, (error) => {
@@ -429,22 +480,28 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     return capture
   }
 
-  function fail (request: FastifyRequest, reply: FastifyReply, error: Error, next: HookHandlerDoneFunction): void {
-    if (!isIdempotencyError(error)) {
-      next(error)
-      return
-    }
+  // A refusal from onRequest goes to Fastify through `next`.
+  function refuse (request: FastifyRequest, reply: FastifyReply, error: Error, next: HookHandlerDoneFunction): void {
+    if (!answeredAsProblem(request, reply, error)) next(error)
+  }
+
+  // A refusal from the handler's place is thrown, unless it was answered as problem+json.
+  function fail (request: FastifyRequest, reply: FastifyReply, error: Error): undefined {
+    if (!answeredAsProblem(request, reply, error)) throw error
+    return undefined
+  }
+
+  function answeredAsProblem (request: FastifyRequest, reply: FastifyReply, error: Error): boolean {
+    if (!isIdempotencyError(error)) return false
     // Set here rather than left to Fastify's default error handler, so that an app's own
     // error handler answers with Retry-After too.
     if (error.headers !== undefined) reply.headers(error.headers)
-    if (!settings.problemDetails) {
-      next(error)
-      return
-    }
+    if (!settings.problemDetails) return false
     const url = request.url
     const query = url.indexOf('?')
     const { details: _details, ...problem } = error.toProblemDetails(query === -1 ? url : url.slice(0, query))
     reply.code(error.statusCode).type('application/problem+json').send(JSON.stringify(problem))
+    return true
   }
 
   function takeOwned (request: FastifyRequest): OwnedRecord | undefined {
@@ -482,11 +539,6 @@ function isWebResponse (payload: unknown): payload is Response {
   return payload !== null && typeof payload === 'object' && Object.prototype.toString.call(payload) === '[object Response]'
 }
 
-function isPromiseLike (value: unknown): value is PromiseLike<unknown> {
-  return value !== null && (typeof value === 'object' || typeof value === 'function') &&
-    typeof (value as PromiseLike<unknown>).then === 'function'
-}
-
 function isReadable (payload: unknown): payload is Readable {
   return payload !== null && typeof payload === 'object' && typeof (payload as Readable).pipe === 'function'
 }
@@ -508,14 +560,25 @@ const TEXT_REPLAY_LIMIT = 16 * 1024
 
 // A small UTF-8 body is replayed as a string, which Node writes with the headers in one go; the
 // bytes are the same, since valid UTF-8 decodes and encodes back exactly.
-function replayBody (body: Buffer): Buffer | string | undefined {
+function replayBody (body: Buffer | string): Buffer | string | undefined {
   if (body.length === 0) return undefined
+  if (typeof body === 'string') return body
   return body.length <= TEXT_REPLAY_LIMIT && isUtf8(body) ? body.toString() : body
+}
+
+// A string's UTF-8 length is at most three bytes per UTF-16 unit: most strings need no counting.
+function exceeds (body: Buffer | string, limit: number): boolean {
+  if (typeof body === 'string') return body.length * 3 > limit && Buffer.byteLength(body) > limit
+  return body.length > limit
+}
+
+function isEmpty (object: object): boolean {
+  for (const _ in object) return false
+  return true
 }
 
 function toBuffer (payload: unknown): Buffer | undefined {
   if (Buffer.isBuffer(payload)) return payload
-  if (typeof payload === 'string') return Buffer.from(payload)
   if (payload === undefined || payload === null) return EMPTY
   return undefined
 }

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto'
-import type { IdempotencyStore, StoredResponse } from './stores/store.js'
+import { isPromiseLike } from './awaitable.js'
+import type { Awaitable, IdempotencyStore, InsertResult, StoredResponse } from './stores/store.js'
 
 /** What `track` found, and so what the request should get. */
 export type TrackResult =
@@ -44,6 +45,10 @@ interface Lease {
  * request runs, its lease is renewed, so a record whose lease expired belongs to a dead
  * instance. The tracker knows nothing of HTTP; the plugin maps its results to responses.
  *
+ * Every method answers the way its store does: directly for a store that answers at once (the
+ * memory store), through a promise otherwise; `await` fits both. A store failure is thrown or
+ * rejected.
+ *
  * @example
  * const tracker = new RequestTracker(store, { logger, cacheTtl: 86_400_000, processingTtl: 60_000, releaseOnError: false })
  * const result = await tracker.track(key, fingerprint)
@@ -59,6 +64,10 @@ export class RequestTracker {
   #leases = new Map<string, Lease>()
   #renewTimer: NodeJS.Timeout | undefined
   #renewEvery = Infinity
+  // Owner tokens are this tracker's random id and a counter: unique across every instance that
+  // shares the store, without drawing random bytes for each request.
+  #ownerPrefix = `${randomUUID()}.`
+  #owners = 0
 
   constructor (store: IdempotencyStore, { logger, ...defaults }: RequestTrackerOptions) {
     this.store = store
@@ -67,20 +76,27 @@ export class RequestTracker {
   }
 
   /** Looks the key up and, when no live record holds it, atomically creates one owned by this request. */
-  async track (key: string, fingerprint: string, options: TrackOptions = this.defaults): Promise<TrackResult> {
-    const owner = randomUUID()
+  track (key: string, fingerprint: string, options: TrackOptions = this.defaults): Awaitable<TrackResult> {
+    const owner = this.#ownerPrefix + (++this.#owners).toString(36)
     const now = Date.now()
     // A running record lives at least as long as its lease; renewals keep it alive past that.
     const expiresAt = now + Math.max(options.cacheTtl, options.processingTtl)
-    const result = await this.store.insert(key, {
+    const inserted = this.store.insert(key, {
       fingerprint,
       owner,
       expiresAt,
       lease: options.processingTtl,
       takeOverExpiredLease: options.releaseOnError
     })
+    if (isPromiseLike(inserted)) {
+      return inserted.then((result) => this.#tracked(result, key, fingerprint, owner, expiresAt, options.processingTtl, now))
+    }
+    return this.#tracked(inserted, key, fingerprint, owner, expiresAt, options.processingTtl, now)
+  }
+
+  #tracked (result: InsertResult, key: string, fingerprint: string, owner: string, expiresAt: number, lease: number, now: number): TrackResult {
     if (result.inserted) {
-      this.#watch(owner, key, options.processingTtl, now)
+      this.#watch(owner, key, lease, now)
       return { status: 'created', owner, expiresAt }
     }
     const record = result.record
@@ -92,27 +108,27 @@ export class RequestTracker {
     return { status: 'halted', expiresAt: record.expiresAt }
   }
 
-  /** Stores the response of an owned request; resolves whether the store took it. */
-  async putResponse (
+  /** Stores the response of an owned request; answers whether the store took it. */
+  putResponse (
     key: string,
     owner: string,
     response: StoredResponse,
     expiresAt = Date.now() + this.defaults.cacheTtl
-  ): Promise<boolean> {
+  ): Awaitable<boolean> {
     this.#leases.delete(owner)
-    return await this.store.update(key, owner, { state: 'completed', response, expiresAt })
+    return this.store.update(key, owner, { state: 'completed', response, expiresAt })
   }
 
   /** Marks an owned request halted: its outcome is unknown, and retries are told so. */
-  async halt (key: string, owner: string, expiresAt = Date.now() + this.defaults.cacheTtl): Promise<boolean> {
+  halt (key: string, owner: string, expiresAt = Date.now() + this.defaults.cacheTtl): Awaitable<boolean> {
     this.#leases.delete(owner)
-    return await this.store.update(key, owner, { state: 'halted', expiresAt })
+    return this.store.update(key, owner, { state: 'halted', expiresAt })
   }
 
   /** Deletes an owned request's record, so that a retry runs the handler again. */
-  async release (key: string, owner: string): Promise<boolean> {
+  release (key: string, owner: string): Awaitable<boolean> {
     this.#leases.delete(owner)
-    return await this.store.delete(key, owner)
+    return this.store.delete(key, owner)
   }
 
   /** Stops renewing an owned request's lease, e.g. when saving its response failed. */
@@ -121,8 +137,8 @@ export class RequestTracker {
   }
 
   /** Removes expired records from the store. */
-  async prune (): Promise<number> {
-    return await this.store.prune()
+  prune (): Awaitable<number> {
+    return this.store.prune()
   }
 
   /** Stops renewing leases; records of requests still running will expire with their lease. */

@@ -34,10 +34,10 @@ t.test('a handler timeout answering while the handler runs halts the record, eve
   await app.close()
 })
 
-t.test('a hook that answers after tracking frees the key: the handler never ran', async (t) => {
+t.test('a hook that answers before the handler leaves the key free: tracking runs in the handler\'s place', async (t) => {
   const app = Fastify()
   await app.register(idempotency)
-  // like a rate limiter registered after this plugin: its preHandler runs after tracking
+  // like a rate limiter registered after this plugin: its preHandler is the route's last hook
   let limited = true
   app.addHook('onRoute', (options) => {
     const hooks = Array.isArray(options.preHandler) ? options.preHandler : options.preHandler === undefined ? [] : [options.preHandler]

@@ -213,58 +213,97 @@ t.test('with releaseOnError a lapsed lease is taken over and the stale owner can
   await survivor.close()
 })
 
-t.test('answers 503 STORE_UNAVAILABLE with Retry-After when the store fails while tracking', async (t) => {
+for (const synchronous of [false, true]) {
+  const failure = synchronous ? 'throws' : 'rejects'
+
+  t.test(`answers 503 STORE_UNAVAILABLE with Retry-After when the store ${failure} while tracking`, async (t) => {
+    const store = new FaultyStore(undefined, { synchronous })
+    const logs = logCollector()
+    const app = Fastify({ logger: { level: 'error', stream: logs.stream } })
+    await app.register(idempotency, { store })
+    let runs = 0
+    app.post('/orders', { config: { idempotency: true } }, async () => ({ runs: ++runs }))
+    store.failing.add('insert')
+    const failed = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })
+    t.equal(failed.statusCode, 503)
+    t.equal(failed.headers['retry-after'], '5')
+    t.same(failed.json(), {
+      statusCode: 503,
+      code: 'FST_IDEMPOTENCY_STORE_UNAVAILABLE',
+      error: 'Service Unavailable',
+      message: 'The idempotency store could not be reached; the request was not processed, retry later'
+    })
+    t.ok(logs.find(50, 'failed while tracking'), 'the cause is logged')
+    if (!synchronous) {
+      store.failAfter = 50
+      const started = Date.now()
+      const slow = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })
+      t.equal(slow.statusCode, 503, 'a store that gives up after its timeout')
+      t.ok(Date.now() - started < 1000)
+    }
+    t.equal(runs, 0, 'the handler never ran')
+    store.failing.clear()
+    const recovered = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })
+    t.equal(recovered.statusCode, 200, 'the store is back: the request runs')
+    t.equal(runs, 1)
+    await app.close()
+  })
+
+  t.test(`gives the client its response when the store ${failure} while saving it, and logs the failure`, async (t) => {
+    const store = new FaultyStore(undefined, { synchronous })
+    const logs = logCollector()
+    const app = Fastify({ logger: { level: 'error', stream: logs.stream } })
+    await app.register(idempotency, { store, processingTtl: 20 })
+    let runs = 0
+    app.post('/orders', { config: { idempotency: true } }, async (request, reply) => reply.code(201).send({ runs: ++runs }))
+    app.post('/failing', { config: { idempotency: true } }, async () => { runs++; throw new Error('boom') })
+    store.failing.add('update')
+    const response = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })
+    t.equal(response.statusCode, 201)
+    t.same(response.json(), { runs: 1 })
+    t.ok(logs.find(50, 'failed while saving the response'), 'logged at error level')
+    const failing = await app.inject({ method: 'POST', url: '/failing', headers: key('k'), payload: {} })
+    t.equal(failing.statusCode, 500)
+    t.ok(logs.find(50, 'failed while settling a request (the handler failed)'))
+    store.failing.clear()
+    await new Promise((resolve) => setTimeout(resolve, 40))
+    const retry = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })
+    t.same(retry.json(), halted, 'the unsaved record is reported halted once its lease lapses, never re-run')
+    t.equal(runs, 2)
+    await app.close()
+  })
+
+  t.test(`logs a store that ${failure} while halting an oversized response and still answers`, async (t) => {
+    const store = new FaultyStore(undefined, { synchronous })
+    const logs = logCollector()
+    const app = Fastify({ logger: { level: 'error', stream: logs.stream } })
+    await app.register(idempotency, { store, maxResponseSize: 1 })
+    app.post('/big', { config: { idempotency: true } }, async () => 'too big')
+    store.failing.add('update')
+    const response = await app.inject({ method: 'POST', url: '/big', headers: key('k'), payload: {} })
+    t.equal(response.body, 'too big')
+    t.ok(logs.find(50, 'failed while settling a request (the response is larger than maxResponseSize'))
+    await app.close()
+  })
+}
+
+t.test('a handler timeout that answers while the store is asked frees the key: the handler never ran', async (t) => {
   const store = new FaultyStore()
   const logs = logCollector()
-  const app = Fastify({ logger: { level: 'error', stream: logs.stream } })
+  const app = Fastify({ handlerTimeout: 20, logger: { level: 'warn', stream: logs.stream } })
   await app.register(idempotency, { store })
   let runs = 0
   app.post('/orders', { config: { idempotency: true } }, async () => ({ runs: ++runs }))
-  store.failing.add('insert')
-  const failed = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })
-  t.equal(failed.statusCode, 503)
-  t.equal(failed.headers['retry-after'], '5')
-  t.same(failed.json(), {
-    statusCode: 503,
-    code: 'FST_IDEMPOTENCY_STORE_UNAVAILABLE',
-    error: 'Service Unavailable',
-    message: 'The idempotency store could not be reached; the request was not processed, retry later'
-  })
-  t.ok(logs.find(50, 'failed while tracking'), 'the cause is logged')
-  store.failAfter = 50
-  const started = Date.now()
-  const slow = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })
-  t.equal(slow.statusCode, 503, 'a store that gives up after its timeout')
-  t.ok(Date.now() - started < 1000)
-  t.equal(runs, 0, 'the handler never ran')
-  store.failing.clear()
-  const recovered = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })
-  t.equal(recovered.statusCode, 200, 'the store is back: the request runs')
-  t.equal(runs, 1)
-  await app.close()
-})
-
-t.test('gives the client its response when the store fails while saving it, and logs the failure', async (t) => {
-  const store = new FaultyStore()
-  const logs = logCollector()
-  const app = Fastify({ logger: { level: 'error', stream: logs.stream } })
-  await app.register(idempotency, { store, processingTtl: 20 })
-  let runs = 0
-  app.post('/orders', { config: { idempotency: true } }, async (request, reply) => reply.code(201).send({ runs: ++runs }))
-  app.post('/failing', { config: { idempotency: true } }, async () => { runs++; throw new Error('boom') })
-  store.failing.add('update')
-  const response = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })
-  t.equal(response.statusCode, 201)
-  t.same(response.json(), { runs: 1 })
-  t.ok(logs.find(50, 'failed while saving the response'), 'logged at error level')
-  const failing = await app.inject({ method: 'POST', url: '/failing', headers: key('k'), payload: {} })
-  t.equal(failing.statusCode, 500)
-  t.ok(logs.find(50, 'failed while settling a request (the handler failed)'))
-  store.failing.clear()
-  await new Promise((resolve) => setTimeout(resolve, 40))
+  store.delays.set('insert', 60)
+  const first = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })
+  t.equal(first.statusCode, 503)
+  t.equal(first.json().code, 'FST_ERR_HANDLER_TIMEOUT')
+  await new Promise((resolve) => setTimeout(resolve, 100))
+  t.equal(runs, 0, 'the handler did not run after the timeout answered')
+  t.ok(logs.find(40, 'idempotency record released: the request was answered before its handler ran'))
+  store.delays.clear()
   const retry = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })
-  t.same(retry.json(), halted, 'the unsaved record is reported halted once its lease lapses, never re-run')
-  t.equal(runs, 2)
+  t.same(retry.json(), { runs: 1 }, 'the retry runs the handler once')
   await app.close()
 })
 
@@ -344,20 +383,8 @@ t.test('halts the record of a hijacked reply once its response is finished', asy
   await new Promise((resolve) => setTimeout(resolve, 10))
   const retry = await app.inject({ method: 'POST', url: '/raw', headers: key('k'), payload: {} })
   t.same(retry.json(), halted, 'halted, not released: the handler did its work')
-  t.ok(logs.find(40, 'idempotency record halted: the response was not seen by onSend'))
+  t.ok(logs.find(40, 'idempotency record halted: the reply was hijacked'))
   t.equal(runs, 1)
   await app.close()
 })
 
-t.test('logs a store failure while halting an oversized response and still answers', async (t) => {
-  const store = new FaultyStore()
-  const logs = logCollector()
-  const app = Fastify({ logger: { level: 'error', stream: logs.stream } })
-  await app.register(idempotency, { store, maxResponseSize: 1 })
-  app.post('/big', { config: { idempotency: true } }, async () => 'too big')
-  store.failing.add('update')
-  const response = await app.inject({ method: 'POST', url: '/big', headers: key('k'), payload: {} })
-  t.equal(response.body, 'too big')
-  t.ok(logs.find(50, 'failed while settling a request (the response is larger than maxResponseSize'))
-  await app.close()
-})

@@ -2,6 +2,7 @@ import t from 'tap'
 import type { FastifyRequest } from 'fastify'
 import { ConflictError, MismatchError } from '../lib/index.js'
 import { buildApp } from './helpers/app.js'
+import { FaultyStore } from './helpers/stores.js'
 import { deferred, key } from './helpers/timing.js'
 
 t.test('runs the first request once and sets Expires to when its record expires', async (t) => {
@@ -362,6 +363,20 @@ t.test('answers its own errors as application/problem+json with problemDetails',
   await app.close()
 })
 
+t.test('answers problem+json when the store answers with promises too', async (t) => {
+  const app = await buildApp({ problemDetails: true, store: new FaultyStore() })
+  app.post('/orders', { config: { idempotency: true } }, async (request) => request.body)
+  t.equal((await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: { a: 1 } })).statusCode, 200)
+  const mismatch = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: { a: 2 } })
+  t.equal(mismatch.statusCode, 422)
+  t.match(mismatch.headers['content-type'], /^application\/problem\+json/)
+  t.equal(mismatch.json().code, 'FST_IDEMPOTENCY_MISMATCH')
+  const replay = await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: { a: 1 } })
+  t.same(replay.json(), { a: 1 })
+  t.equal(replay.headers['idempotent-replayed'], 'true')
+  await app.close()
+})
+
 t.test('problemDetails leaves errors that are not the plugin\'s to the error handler', async (t) => {
   const app = await buildApp({ problemDetails: true, scope: () => { throw new Error('no user') } })
   app.post('/orders', { config: { idempotency: true } }, async () => ({}))
@@ -427,7 +442,7 @@ t.test('keeps the route\'s own hooks and runs them first', async (t) => {
     config: { idempotency: true },
     onRequest: async () => { order.push('onRequest') },
     preHandler: [async () => { order.push('preHandler') }],
-    onSend: async (request, reply, payload) => { order.push('onSend'); return payload },
+    onSend: [async (request, reply, payload) => { order.push('onSend'); return payload }],
     onError: async () => { order.push('onError') }
   }, async () => { order.push('handler'); return {} })
   t.equal((await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })).statusCode, 200)

@@ -16,7 +16,7 @@ t.test('track creates a record owned by the caller, then reports what later call
   const tracker = new RequestTracker(new MemoryStore(), { logger: recordingLogger(), ...options })
   const created = await tracker.track('k', 'fp', options)
   t.equal(created.status, 'created')
-  t.match(created, { owner: /^[0-9a-f-]{36}$/ })
+  t.match(created, { owner: /^[0-9a-f-]{36}\.[0-9a-z]+$/ })
   t.same(await tracker.track('k', 'fp', options), { status: 'processing', expiresAt: created.expiresAt })
   t.same(await tracker.track('k', 'other', options), { status: 'mismatch', expiresAt: created.expiresAt })
   const response = { statusCode: 201, headers: { 'content-type': 'text/plain' }, body: Buffer.from('done') }
@@ -97,4 +97,34 @@ t.test('uses its default options when track, putResponse and halt are given none
   t.equal((await tracker.track('h', 'fp')).status, 'halted')
   t.same(tracker.defaults, { cacheTtl: 5_000, processingTtl: 1_000, releaseOnError: false })
   tracker.close()
+})
+
+t.test('answers directly when its store does, and through a promise when its store does', async (t) => {
+  const direct = new RequestTracker(new MemoryStore(), { logger: recordingLogger(), ...options })
+  const created = direct.track('k', 'fp', options)
+  t.notOk(created instanceof Promise, 'the memory store answers without a promise')
+  t.equal((created as { status: string }).status, 'created')
+  t.equal(direct.putResponse('k', (created as { owner: string }).owner, { statusCode: 200, headers: {}, body: 'x' }), true)
+  const remote = new RequestTracker(new FaultyStore(), { logger: recordingLogger(), ...options })
+  const pending = remote.track('k', 'fp', options)
+  t.ok(pending instanceof Promise, 'a store that answers with promises is awaited')
+  t.equal((await pending).status, 'created')
+  direct.close()
+  remote.close()
+})
+
+t.test('gives every tracked request its own owner token, across trackers too', async (t) => {
+  const store = new MemoryStore()
+  const first = new RequestTracker(store, { logger: recordingLogger(), ...options })
+  const second = new RequestTracker(store, { logger: recordingLogger(), ...options })
+  const owners = new Set<string>()
+  for (let index = 0; index < 50; index++) {
+    for (const tracker of [first, second]) {
+      const result = await tracker.track(`k${index}-${owners.size}`, 'fp', options)
+      owners.add((result as { owner: string }).owner)
+    }
+  }
+  t.equal(owners.size, 100)
+  first.close()
+  second.close()
 })

@@ -145,7 +145,9 @@ export class PostgresStore implements IdempotencyStore {
       query = { name: this.#sql.names.halt, text: this.#sql.halt, values: [key, owner, update.expiresAt] }
     } else {
       const { statusCode, headers, body } = update.response
-      query = { name: this.#sql.names.complete, text: this.#sql.complete, values: [key, owner, update.expiresAt, statusCode, headers, body] }
+      // bytea takes a Buffer: pg would read a string as bytea's text escape format.
+      const bytes = typeof body === 'string' ? Buffer.from(body) : body
+      query = { name: this.#sql.names.complete, text: this.#sql.complete, values: [key, owner, update.expiresAt, statusCode, headers, bytes] }
     }
     return (await this.#query('update', query)).length === 1
   }

@@ -6,8 +6,12 @@ export interface StoredResponse {
   statusCode: number
   /** Lower-case header names; what `reply.headers()` accepts. */
   headers: Record<string, string | number | string[]>
-  body: Buffer
+  /** The body bytes; a string stands for its UTF-8 bytes, as Node sends it. */
+  body: Buffer | string
 }
+
+/** A value, or a promise of it: a store that answers at once may return its answer directly. */
+export type Awaitable<Value> = Value | PromiseLike<Value>
 
 /** A record as a store hands it back. */
 export interface IdempotencyRecord {
@@ -55,8 +59,10 @@ export type RecordUpdate =
 /**
  * A place to keep idempotency records, shared by every instance that must agree on them.
  *
- * Every method rejects when the store cannot answer; a store bounds its own calls in time,
- * so that a request never waits on an unreachable store for long.
+ * Every method rejects (or throws) when the store cannot answer; a store bounds its own calls
+ * in time, so that a request never waits on an unreachable store for long. A store that answers
+ * in this process, like the memory store, may return its answers directly instead of promises:
+ * the tracker and the plugin then handle a request without waiting a single microtask on it.
  */
 export interface IdempotencyStore {
   /**
@@ -64,18 +70,18 @@ export interface IdempotencyStore {
    * in which case that record is returned. Two callers racing on one key never both insert.
    * Expired records count as absent.
    */
-  insert (key: string, record: NewRecord): Promise<InsertResult>
+  insert (key: string, record: NewRecord): Awaitable<InsertResult>
   /** The live record under `key`, if any. */
-  lookup (key: string): Promise<IdempotencyRecord | undefined>
+  lookup (key: string): Awaitable<IdempotencyRecord | undefined>
   /**
-   * Applies `update` when `key` holds a `processing` record owned by `owner`; resolves
+   * Applies `update` when `key` holds a `processing` record owned by `owner`; answers
    * `false` (and changes nothing) otherwise, e.g. when the owner's key was taken over.
    */
-  update (key: string, owner: string, update: RecordUpdate): Promise<boolean>
-  /** Deletes the `processing` record under `key` when `owner` owns it; resolves whether it did. */
-  delete (key: string, owner: string): Promise<boolean>
-  /** Removes expired records; resolves how many it removed. */
-  prune (): Promise<number>
+  update (key: string, owner: string, update: RecordUpdate): Awaitable<boolean>
+  /** Deletes the `processing` record under `key` when `owner` owns it; answers whether it did. */
+  delete (key: string, owner: string): Awaitable<boolean>
+  /** Removes expired records; answers how many it removed. */
+  prune (): Awaitable<number>
   /** Releases what the store itself opened; clients passed in by the caller stay open. */
-  close? (): Promise<void>
+  close? (): Awaitable<void>
 }

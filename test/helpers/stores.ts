@@ -1,51 +1,59 @@
-import { MemoryStore, type IdempotencyStore, type NewRecord, type RecordUpdate } from '../../lib/index.js'
+import { MemoryStore, type Awaitable, type IdempotencyStore, type NewRecord, type RecordUpdate } from '../../lib/index.js'
 
 type Operation = 'insert' | 'lookup' | 'update' | 'delete' | 'prune'
 
 /**
  * A memory store whose calls can be made to fail, to stand for a store server that is down.
- * It records every call, so tests can see what reached the store.
+ * It records every call, so tests can see what reached the store. By default it answers with
+ * promises, like a store over the network; `synchronous` makes it answer, and throw, directly.
  */
 export class FaultyStore implements IdempotencyStore {
   readonly inner: MemoryStore
   readonly calls: Array<{ operation: Operation, key?: string, state?: string }> = []
+  readonly synchronous: boolean
   failing = new Set<Operation>()
   /** When set, a failing call rejects after this many ms, like a client timing out. */
   failAfter = 0
+  /** ms an operation waits before it runs (asynchronous stores only). */
+  delays = new Map<Operation, number>()
 
-  constructor (inner = new MemoryStore()) {
+  constructor (inner = new MemoryStore(), { synchronous = false } = {}) {
     this.inner = inner
+    this.synchronous = synchronous
   }
 
-  async insert (key: string, record: NewRecord) {
-    await this.#enter('insert', key)
-    return await this.inner.insert(key, record)
+  insert (key: string, record: NewRecord) {
+    return this.#call('insert', () => this.inner.insert(key, record), key)
   }
 
-  async lookup (key: string) {
-    await this.#enter('lookup', key)
-    return await this.inner.lookup(key)
+  lookup (key: string) {
+    return this.#call('lookup', () => this.inner.lookup(key), key)
   }
 
-  async update (key: string, owner: string, update: RecordUpdate) {
-    await this.#enter('update', key, update.state)
-    return await this.inner.update(key, owner, update)
+  update (key: string, owner: string, update: RecordUpdate) {
+    return this.#call('update', () => this.inner.update(key, owner, update), key, update.state)
   }
 
-  async delete (key: string, owner: string) {
-    await this.#enter('delete', key)
-    return await this.inner.delete(key, owner)
+  delete (key: string, owner: string) {
+    return this.#call('delete', () => this.inner.delete(key, owner), key)
   }
 
-  async prune () {
-    await this.#enter('prune')
-    return await this.inner.prune()
+  prune () {
+    return this.#call('prune', () => this.inner.prune())
   }
 
-  async #enter (operation: Operation, key?: string, state?: string): Promise<void> {
+  #call<Result> (operation: Operation, run: () => Result, key?: string, state?: string): Awaitable<Result> {
     this.calls.push({ operation, key, state })
-    if (!this.failing.has(operation)) return
-    if (this.failAfter > 0) await new Promise((resolve) => setTimeout(resolve, this.failAfter))
-    throw new Error(`store ${operation} failed`)
+    const failing = this.failing.has(operation)
+    if (this.synchronous) {
+      if (failing) throw new Error(`store ${operation} failed`)
+      return run()
+    }
+    const wait = failing ? this.failAfter : this.delays.get(operation) ?? 0
+    return (async () => {
+      if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait))
+      if (failing) throw new Error(`store ${operation} failed`)
+      return run()
+    })()
   }
 }

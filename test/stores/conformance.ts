@@ -515,9 +515,21 @@ export function runConformance (t: Test, target: ConformanceTarget): void {
       const found = await store.lookup(key)
       t.ok(Buffer.isBuffer(found?.response?.body), 'the body is a Buffer')
       t.equal(found?.response?.body.length, body.length)
-      t.ok(found?.response?.body.equals(body), 'lookup returns the same bytes')
+      t.ok(body.equals(found?.response?.body as Buffer), 'lookup returns the same bytes')
       const again = await store.insert(key, record({ fingerprint: first.fingerprint }))
-      t.ok(!again.inserted && again.record.response?.body.equals(body), 'insert returns the same bytes')
+      t.ok(!again.inserted && body.equals(again.record.response?.body as Buffer), 'insert returns the same bytes')
+    })
+
+    t.test('keeps a string body as its UTF-8 bytes', async (t) => {
+      const store = await open(t)
+      const key = uniqueKey('text')
+      const first = record()
+      const text = '{"name":"Zoë","note":"€ and 😀"}'
+      await store.insert(key, first)
+      const stored = response({ headers: { 'content-type': 'application/json' }, body: text })
+      t.equal(await store.update(key, first.owner, { state: 'completed', response: stored, expiresAt: target.now() + LONG }), true)
+      const found = (await store.lookup(key))?.response?.body
+      t.ok(found !== undefined && Buffer.from(found).equals(Buffer.from(text)), 'the body holds the string\'s UTF-8 bytes')
     })
 
     t.test('returns an empty body as an empty Buffer', async (t) => {

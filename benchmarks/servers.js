@@ -1,0 +1,112 @@
+// What the benchmark runner and the profiler share: servers in child processes, their CPU time,
+// and the load autocannon puts on them.
+import { fork, spawn } from 'node:child_process'
+import { once } from 'node:events'
+import { readdirSync, readFileSync } from 'node:fs'
+import { connect, createServer } from 'node:net'
+import autocannon from 'autocannon'
+
+export const connections = Number(process.env.BENCH_CONNECTIONS ?? 32)
+// Every server gets the same offered load, below what the slowest one sustains: CPU per request
+// falls as load rises (more requests per event-loop turn), so it is compared at equal load.
+export const rate = Number(process.env.BENCH_RATE ?? 4000)
+// The PostgreSQL variant uses this server (the machine's own by default): every `postgres`
+// process's CPU is counted, so nothing else should use that server during the benchmark.
+const databaseUrl = process.env.BENCH_DATABASE_URL ?? process.env.DATABASE_URL ?? 'postgresql://postgres@127.0.0.1:5432/postgres'
+const body = JSON.stringify({ amount: 100, currency: 'EUR' })
+
+// One prefix and one counter per benchmark run: the replay key stays the same across the
+// warm-up and every run, and a fresh key is never used twice.
+const prefix = `${process.pid}-${Date.now()}-`
+let next = 0
+
+function request (scenario) {
+  const base = { method: 'POST', path: '/orders', body, headers: { 'content-type': 'application/json' } }
+  if (scenario === 'none') return [base]
+  if (scenario === 'replay') return [{ ...base, headers: { ...base.headers, 'idempotency-key': `${prefix}replay` } }]
+  return [{
+    ...base,
+    setupRequest: (req) => ({ ...req, headers: { ...req.headers, 'idempotency-key': prefix + next++ } })
+  }]
+}
+
+async function freePort () {
+  const probe = createServer().listen(0, '127.0.0.1')
+  await once(probe, 'listening')
+  const { port } = probe.address()
+  probe.close()
+  return port
+}
+
+async function answers (port) {
+  return await new Promise((resolve) => {
+    const socket = connect({ host: '127.0.0.1', port }, () => { socket.end(); resolve(true) })
+    socket.on('error', () => { resolve(false) })
+  })
+}
+
+// A private redis-server per Redis variant; its CPU counts as the variant's.
+async function startRedis () {
+  const port = await freePort()
+  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' })
+  for (let attempt = 0; attempt < 100 && !await answers(port); attempt++) {
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  return { port, cpu: () => processCpu(child.pid), stop: async () => { child.kill('SIGTERM'); await once(child, 'exit') } }
+}
+
+// utime + stime of a process, in µs, from /proc (clock ticks of 10 ms)
+function processCpu (pid) {
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')
+    return (Number(fields[11]) + Number(fields[12])) * 10_000
+  } catch {
+    return 0
+  }
+}
+
+// Every process named postgres: the server and its backends.
+function postgresCpu () {
+  let total = 0
+  for (const pid of readdirSync('/proc').filter((name) => /^\d+$/.test(name))) {
+    try {
+      if (readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'postgres') total += processCpu(pid)
+    } catch {}
+  }
+  return total
+}
+
+/** Starts `benchmarks/server.js <variant>` (and its private redis-server) in child processes. */
+export async function start (variant, { execArgv = [] } = {}) {
+  const redis = variant === 'redis' ? await startRedis() : undefined
+  const env = { ...process.env, BENCH_REDIS_PORT: String(redis?.port), BENCH_DATABASE_URL: databaseUrl }
+  const storeCpu = variant === 'redis' ? () => redis.cpu() : variant === 'postgres' ? postgresCpu : () => 0
+  const child = fork(new URL('./server.js', import.meta.url), [variant], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env, execArgv })
+  const [{ port }] = await once(child, 'message')
+  const cpu = async () => {
+    child.send('cpu')
+    const [{ cpu: usage }] = await once(child, 'message')
+    return usage.user + usage.system + storeCpu()
+  }
+  return {
+    port,
+    pid: child.pid,
+    cpu,
+    stop: async () => {
+      child.send('stop')
+      await once(child, 'exit')
+      await redis?.stop()
+    }
+  }
+}
+
+/** Drives a server with one scenario's requests for `duration` seconds. */
+export async function load (port, scenario, duration) {
+  return await autocannon({
+    url: `http://127.0.0.1:${port}`,
+    connections,
+    duration,
+    overallRate: rate > 0 ? rate : undefined,
+    requests: request(scenario)
+  })
+}
