@@ -50,13 +50,15 @@ export function countHeaderLines (rawHeaders: readonly string[], name: string): 
 }
 
 /**
- * The key under which a request is stored: a hash of who asked (scope), what was asked
- * (method and path) and the client's key, so that no client text reaches the store's key space
- * and keys of different scopes or endpoints never meet.
+ * The key under which a request is stored: who asked (scope), what was asked (method and path)
+ * and the client's key, so that keys of different scopes or endpoints never meet. A store outside
+ * this process gets its SHA-256 digest, so that no client text reaches its key space; a store in
+ * this process (`inProcess`) gets the text itself, which spares a hash on every request.
  */
-export function storageKey (scope: string, method: string, path: string, key: string): string {
+export function storageKey (scope: string, method: string, path: string, key: string, inProcess = false): string {
   // The scope is length-prefixed because it is the one part that may contain any character.
-  return hash('sha256', `${scope.length}:${scope}\n${method}\n${path}\n${key}`, 'base64url')
+  const text = `${scope.length}:${scope}\n${method}\n${path}\n${key}`
+  return inProcess ? text : hash('sha256', text, 'base64url')
 }
 
 const FLUSH_AT = 4096
@@ -76,8 +78,9 @@ class Fingerprint {
     return this
   }
 
-  digest (): string {
-    if (this.#hash === undefined) return hash('sha256', this.#pending, 'base64url')
+  /** The fingerprint of the canonical text: a small one as text for an in-process store, else its digest. */
+  digest (inProcess: boolean): string {
+    if (this.#hash === undefined) return fingerprintOf(this.#pending, inProcess)
     return this.#hash.update(this.#pending).digest('base64url')
   }
 
@@ -146,12 +149,76 @@ class Fingerprint {
   }
 }
 
-/** The default fingerprint: the parsed query and body. */
-export function requestFingerprint (query: unknown, body: unknown): string {
-  return new Fingerprint().add(query).add(body).digest()
+// Canonical text up to this size is built with JSON.stringify when it can be; larger values are
+// walked and hashed in chunks.
+const JSON_LIMIT = 4096
+// An in-process store keeps a canonical text up to this size as the fingerprint itself (below
+// FLUSH_AT: such a text is never fed to a hash). The mark cannot start a digest (base64url), so
+// a text never equals a digest.
+const TEXT_LIMIT = 256
+const TEXT_MARK = '='
+const EMPTY_OBJECT_BUDGET = JSON_LIMIT - 2
+
+/**
+ * The size budget left after `value`, or -1 when JSON.stringify does not give the canonical
+ * text of `value`: an object's keys out of order, a value JSON writes differently (a Buffer,
+ * `undefined` in an array, NaN, a `toJSON` method) or a value too large. Parsed JSON bodies
+ * usually pass, and JSON.stringify writes them far faster than the walk.
+ */
+function jsonBudget (value: unknown, budget: number): number {
+  switch (typeof value) {
+    case 'string':
+      return budget - value.length - 2
+    case 'number':
+      return Number.isFinite(value) ? budget - 24 : -1
+    case 'boolean':
+      return budget - 5
+    case 'object':
+      break
+    default:
+      return -1
+  }
+  if (value === null) return budget - 4
+  if (Array.isArray(value)) {
+    for (let index = 0; index < value.length && budget >= 0; index++) budget = jsonBudget(value[index], budget - 1)
+    return budget
+  }
+  const prototype = Object.getPrototypeOf(value)
+  if (prototype !== Object.prototype && prototype !== null) return -1
+  let previous = ''
+  let first = true
+  for (const name in value) {
+    if (!first && !(previous < name)) return -1
+    first = false
+    previous = name
+    const member = (value as Record<string, unknown>)[name]
+    if (member === undefined) return -1
+    budget = jsonBudget(member, budget - name.length - 4)
+    if (budget < 0) return -1
+  }
+  return budget - 2
+}
+
+function fingerprintOf (text: string, inProcess: boolean): string {
+  return inProcess && text.length <= TEXT_LIMIT ? TEXT_MARK + text : hash('sha256', text, 'base64url')
+}
+
+/**
+ * The default fingerprint: the parsed query and body, in canonical form. An in-process store
+ * gets a small one as text, any other store its SHA-256 digest.
+ */
+export function requestFingerprint (query: unknown, body: unknown, inProcess = false): string {
+  const budget = jsonBudget(query, JSON_LIMIT)
+  if (budget >= 0 && jsonBudget(body, budget) >= 0) {
+    // Most writes carry no query: `{}` needs no JSON.stringify.
+    const queryText = budget === EMPTY_OBJECT_BUDGET && typeof query === 'object' ? '{}' : JSON.stringify(query)
+    return fingerprintOf(queryText + JSON.stringify(body), inProcess)
+  }
+  return new Fingerprint().add(query).add(body).digest(inProcess)
 }
 
 /** The fingerprint of what a route's `fingerprint` option returned. */
-export function valueFingerprint (value: unknown): string {
-  return new Fingerprint().add(value).digest()
+export function valueFingerprint (value: unknown, inProcess = false): string {
+  if (jsonBudget(value, JSON_LIMIT) >= 0) return fingerprintOf(JSON.stringify(value), inProcess)
+  return new Fingerprint().add(value).digest(inProcess)
 }

@@ -52,6 +52,8 @@ declare module 'fastify' {
 
 /** The settings of one tracked route: the plugin's options with the route's overrides. */
 interface RouteSettings {
+  /** The route's URL pattern, prefix included. */
+  url: string
   required: boolean
   scope: ScopeFunction | undefined
   fingerprint: FingerprintFunction | undefined
@@ -99,6 +101,8 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     processingTtl: settings.processingTtl,
     releaseOnError: settings.releaseOnError
   })
+  // Keys and fingerprints are hashed for any store outside this process.
+  const inProcess = tracker.store.inProcess === true
   const header = settings.header
   const headerLabel = header.replace(/(^|-)([a-z])/g, (_, dash: string, letter: string) => dash + letter.toUpperCase())
   const trackedMethods = new Set(settings.methods)
@@ -139,6 +143,7 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     }
     const overrides: IdempotencyRouteOptions = typeof config === 'object' ? validateRouteOptions(config, `route ${where}: `) : {}
     attach(route, {
+      url: route.url,
       required: overrides.required ?? settings.required,
       scope: overrides.scope ?? settings.scope,
       fingerprint: overrides.fingerprint ?? settings.fingerprint,
@@ -331,17 +336,16 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     if (typeof scope !== 'string') throw new TypeError('the idempotency scope function must return a string')
     // The route's pattern and its parameters, not the raw URL: `/orders/a/`, `/ORDERS/a` or
     // `/orders/%61` reach the same route with the same parameters, so they are the same request.
-    const routeUrl = request.routeOptions.url as string
     const params = request.params as Record<string, string> | undefined
-    const target = params === undefined || isEmpty(params) ? routeUrl : `${routeUrl}\n${JSON.stringify(params)}`
-    const key = storageKey(scope, request.method, target, clientKey)
+    const target = params === undefined || isEmpty(params) ? route.url : `${route.url}\n${JSON.stringify(params)}`
+    const key = storageKey(scope, request.method, target, clientKey, inProcess)
     if (route.fingerprint === undefined) {
-      return trackFingerprinted(request, reply, key, requestFingerprint(request.query, request.body), route)
+      return trackFingerprinted(request, reply, key, requestFingerprint(request.query, request.body, inProcess), route)
     }
     const material = route.fingerprint(request)
     return isPromiseLike(material)
-      ? material.then((value) => trackFingerprinted(request, reply, key, valueFingerprint(value), route))
-      : trackFingerprinted(request, reply, key, valueFingerprint(material), route)
+      ? material.then((value) => trackFingerprinted(request, reply, key, valueFingerprint(value, inProcess), route))
+      : trackFingerprinted(request, reply, key, valueFingerprint(material, inProcess), route)
   }
 
   function trackFingerprinted (request: FastifyRequest, reply: FastifyReply, key: string, fingerprint: string, route: RouteSettings): Awaitable<TrackOutcome> {

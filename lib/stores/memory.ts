@@ -55,6 +55,7 @@ const EVICTION_WARNING_INTERVAL = 60_000
  * await app.register(idempotency, { store: new MemoryStore({ maxBytes: 16 * 1024 * 1024 }) })
  */
 export class MemoryStore implements IdempotencyStore {
+  readonly inProcess = true
   readonly maxBytes: number
   #now: () => number
   #logger: WarningLogger | undefined
@@ -121,10 +122,12 @@ export class MemoryStore implements IdempotencyStore {
     }
     entry.state = update.state
     entry.expiresAt = update.expiresAt
+    entry.owner = ''
     if (update.state === 'completed') {
       const added = responseSize(update.response)
       entry.response = update.response
       entry.size += added
+      // A request that ran long is the one whose client most likely timed out and will retry.
       this.#records.delete(key)
       this.#records.set(key, entry)
       this.#grow(added, now, entry)

@@ -66,6 +66,13 @@ export type RecordUpdate =
  */
 export interface IdempotencyStore {
   /**
+   * `true` for a store that keeps its records inside this process, as the memory store does:
+   * it is given keys and small fingerprints as plain text rather than SHA-256 digests, which
+   * spares hashing on every request. Any other store gets digests only, so no client text
+   * reaches it. Keys are then at most a few hundred characters longer than the client's key.
+   */
+  readonly inProcess?: boolean
+  /**
    * Atomically writes `record` in state `processing` unless a live record holds `key`,
    * in which case that record is returned. Two callers racing on one key never both insert.
    * Expired records count as absent.

@@ -1,0 +1,70 @@
+import { hash } from 'node:crypto'
+import t from 'tap'
+import { requestFingerprint, storageKey, valueFingerprint } from '../lib/key.js'
+
+const digest = (text: string) => hash('sha256', text, 'base64url')
+
+t.test('a storage key is the SHA-256 digest of scope, method, path and key, or that text for an in-process store', async (t) => {
+  const text = '4:user\nPOST\n/orders\nk-1'
+  t.equal(storageKey('user', 'POST', '/orders', 'k-1'), digest(text))
+  t.equal(storageKey('user', 'POST', '/orders', 'k-1', true), text)
+  t.not(storageKey('user\nPOST', '', '/orders', 'k-1', true), storageKey('user', 'POST', '/orders', 'k-1', true),
+    'the scope is length-prefixed: it cannot pose as the method')
+})
+
+// Canonical equality must not depend on which path computes it: JSON.stringify for parsed
+// JSON with sorted keys, the walk for anything else.
+const equalPairs: Array<[string, unknown, unknown]> = [
+  ['reordered keys', { a: 1, b: { c: [1, 2], d: null } }, { b: { d: null, c: [1, 2] }, a: 1 }],
+  ['integer-like keys', { 9: 'x', 10: 'y' }, { 10: 'y', 9: 'x' }],
+  ['a null-prototype object', Object.assign(Object.create(null), { b: 2, a: 1 }), { a: 1, b: 2 }],
+  ['undefined members', { a: 1, b: undefined }, { a: 1 }],
+  ['a Date', { at: new Date(0) }, { at: '1970-01-01T00:00:00.000Z' }],
+  ['strings to escape', { 'q"': 'line\nbreak', é: '€' }, { é: '€', 'q"': 'line\nbreak' }],
+  ['a large body', { items: Array.from({ length: 600 }, (_, index) => ({ id: index, name: `item ${index}` })), a: 0 },
+    { a: 0, items: Array.from({ length: 600 }, (_, index) => ({ name: `item ${index}`, id: index })) }]
+]
+
+for (const [name, first, second] of equalPairs) {
+  t.test(`equal payloads get one fingerprint: ${name}`, async (t) => {
+    for (const inProcess of [false, true]) {
+      t.equal(requestFingerprint({}, first, inProcess), requestFingerprint({}, second, inProcess), `inProcess ${String(inProcess)}`)
+      t.equal(valueFingerprint(first, inProcess), valueFingerprint(second, inProcess), `value, inProcess ${String(inProcess)}`)
+    }
+  })
+}
+
+const differentPairs: Array<[string, unknown, unknown]> = [
+  ['array order', { a: [1, 2] }, { a: [2, 1] }],
+  ['a number and a string', { a: 1 }, { a: '1' }],
+  ['undefined and null in an array', [undefined], [null]],
+  ['NaN and null', { a: Number.NaN }, { a: null }],
+  ['a Buffer and its JSON', { a: Buffer.from('x') }, { a: { type: 'Buffer', data: [120] } }],
+  ['a bigint and a number', { a: 1n }, { a: 1 }],
+  ['a function and no value', [() => 1], [null]]
+]
+
+for (const [name, first, second] of differentPairs) {
+  t.test(`different payloads get different fingerprints: ${name}`, async (t) => {
+    for (const inProcess of [false, true]) {
+      t.not(requestFingerprint({}, first, inProcess), requestFingerprint({}, second, inProcess), `inProcess ${String(inProcess)}`)
+    }
+  })
+}
+
+t.test('the query counts: the same body with another query is another request', async (t) => {
+  for (const inProcess of [false, true]) {
+    t.not(requestFingerprint({ dry: 'true' }, { a: 1 }, inProcess), requestFingerprint({}, { a: 1 }, inProcess))
+    t.equal(requestFingerprint({ b: '2', a: '1' }, {}, inProcess), requestFingerprint({ a: '1', b: '2' }, {}, inProcess))
+  }
+})
+
+t.test('a store outside the process gets a digest; an in-process store keeps a small canonical text', async (t) => {
+  t.equal(requestFingerprint({}, { b: 2, a: 1 }), digest('{}{"a":1,"b":2}'))
+  t.equal(requestFingerprint({}, { b: 2, a: 1 }, true), '={}{"a":1,"b":2}')
+  t.equal(requestFingerprint({ x: '1' }, [1, 'two'], true), '={"x":"1"}[1,"two"]')
+  const large = { text: 'x'.repeat(300) }
+  t.equal(requestFingerprint({}, large, true), digest(`{}${JSON.stringify(large)}`), 'a larger text is hashed even in process')
+  const huge = { text: 'y'.repeat(10_000), list: [1, 2, 3] }
+  t.equal(requestFingerprint({}, huge), digest(`{}{"list":[1,2,3],"text":"${'y'.repeat(10_000)}"}`), 'a huge value is hashed in chunks to the same digest')
+})
