@@ -83,10 +83,11 @@ export async function start (variant, { execArgv = [] } = {}) {
   const storeCpu = variant === 'redis' ? () => redis.cpu() : variant === 'postgres' ? postgresCpu : () => 0
   const child = fork(new URL('./server.js', import.meta.url), [variant], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env, execArgv })
   const [{ port }] = await once(child, 'message')
+  // CPU time in µs so far: the server's, and the store server's.
   const cpu = async () => {
     child.send('cpu')
     const [{ cpu: usage }] = await once(child, 'message')
-    return usage.user + usage.system + storeCpu()
+    return { server: usage.user + usage.system, store: storeCpu() }
   }
   return {
     port,

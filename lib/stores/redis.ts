@@ -1,6 +1,5 @@
 import Type from 'typebox'
 import { compileOptions, withDefault } from '../options-validator.js'
-import { withTimeout } from './timeout.js'
 import type {
   IdempotencyRecord,
   IdempotencyStore,
@@ -16,8 +15,10 @@ import type {
  * being installed.
  */
 export interface RedisClient {
-  defineCommand (name: string, definition: { numberOfKeys: number, lua: string }): void
+  defineCommand (name: string, definition: { lua: string, numberOfKeys?: number }): void
   readonly status: string
+  /** `true` for an ioredis `Cluster`. */
+  readonly isCluster?: boolean
 }
 
 const RedisStoreOptionsSchema = Type.Object({
@@ -39,77 +40,105 @@ export interface RedisStoreOptions {
 
 // A record is one Redis hash: s state (p/c/h), f fingerprint, o owner, e expiresAt (ms),
 // l lease end (ms, Redis clock), and once completed c status, h headers (JSON), b body bytes.
-// Every script touches one key, so the store works on a Redis Cluster too. Leases are judged by
-// Redis's own clock (TIME) so that app servers whose clocks differ never disagree about them.
-const NOW = `local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)`
-
-const RECORD_REPLY = `{r[1], r[2], r[3], (r[1] == 'p' and tonumber(r[4]) <= now) and 1 or 0, r[5], r[6], r[7]}`
-
-const INSERT = `local r = redis.call('HMGET', KEYS[1], 's', 'f', 'e', 'l', 'c', 'h', 'b')
-${NOW}
-if r[1] then
-  local lapsed = r[1] == 'p' and tonumber(r[4]) <= now
-  if not (lapsed and ARGV[5] == '1' and r[2] == ARGV[1]) then
-    return ${RECORD_REPLY}
+// Leases are judged by Redis's own clock (TIME) so that app servers whose clocks differ never
+// disagree about them.
+//
+// Every operation is one step of one script: KEYS[i] is step i's key, and ARGV holds each
+// step's kind followed by its arguments. The steps of one turn of the event loop go to Redis as
+// one call, so that requests arriving together cost one command and one round trip; each step
+// still reads and writes only its own key, atomically. On a Cluster, where one call may only
+// touch one slot, every step is a call of its own.
+const STEPS = `local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+local a = 1
+local function record (r)
+  return {r[1], r[2], r[3], (r[1] == 'p' and tonumber(r[4]) <= now) and 1 or 0, r[5], r[6], r[7]}
+end
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local kind = ARGV[a]
+  if kind == 'i' then
+    local r = redis.call('HMGET', key, 's', 'f', 'e', 'l', 'c', 'h', 'b')
+    if r[1] and not (r[1] == 'p' and tonumber(r[4]) <= now and ARGV[a + 5] == '1' and r[2] == ARGV[a + 1]) then
+      out[i] = record(r)
+    else
+      redis.call('HSET', key, 's', 'p', 'f', ARGV[a + 1], 'o', ARGV[a + 2], 'e', ARGV[a + 3], 'l', now + tonumber(ARGV[a + 4]))
+      redis.call('PEXPIREAT', key, ARGV[a + 3])
+      out[i] = 1
+    end
+    a = a + 6
+  elseif kind == 'l' then
+    local r = redis.call('HMGET', key, 's', 'f', 'e', 'l', 'c', 'h', 'b')
+    out[i] = r[1] and record(r) or 0
+    a = a + 1
+  else
+    local r = redis.call('HMGET', key, 's', 'o', 'e')
+    local owned = r[1] == 'p' and r[2] == ARGV[a + 1]
+    out[i] = owned and 1 or 0
+    if not owned then
+    elseif kind == 'd' then
+      redis.call('DEL', key)
+    elseif kind == 'r' then
+      local leaseEnd = now + tonumber(ARGV[a + 2])
+      redis.call('HSET', key, 'l', leaseEnd)
+      if tonumber(r[3]) < leaseEnd then
+        redis.call('HSET', key, 'e', leaseEnd)
+        redis.call('PEXPIREAT', key, leaseEnd)
+      end
+    else
+      if kind == 'h' then
+        redis.call('HSET', key, 's', 'h', 'e', ARGV[a + 2])
+      else
+        redis.call('HSET', key, 's', 'c', 'e', ARGV[a + 2], 'c', ARGV[a + 3], 'h', ARGV[a + 4], 'b', ARGV[a + 5])
+      end
+      redis.call('HDEL', key, 'o', 'l')
+      redis.call('PEXPIREAT', key, ARGV[a + 2])
+    end
+    a = a + (kind == 'd' and 2 or kind == 'c' and 6 or 3)
   end
 end
-redis.call('HSET', KEYS[1], 's', 'p', 'f', ARGV[1], 'o', ARGV[2], 'e', ARGV[3], 'l', now + tonumber(ARGV[4]))
-redis.call('PEXPIREAT', KEYS[1], ARGV[3])
-return 1`
-
-const LOOKUP = `local r = redis.call('HMGET', KEYS[1], 's', 'f', 'e', 'l', 'c', 'h', 'b')
-if not r[1] then return nil end
-${NOW}
-return ${RECORD_REPLY}`
-
-const UPDATE = `local r = redis.call('HMGET', KEYS[1], 's', 'o', 'e')
-if r[1] ~= 'p' or r[2] ~= ARGV[1] then return 0 end
-if ARGV[2] == 'r' then
-  ${NOW}
-  local leaseEnd = now + tonumber(ARGV[3])
-  redis.call('HSET', KEYS[1], 'l', leaseEnd)
-  if tonumber(r[3]) < leaseEnd then
-    redis.call('HSET', KEYS[1], 'e', leaseEnd)
-    redis.call('PEXPIREAT', KEYS[1], leaseEnd)
-  end
-  return 1
-end
-if ARGV[2] == 'h' then
-  redis.call('HSET', KEYS[1], 's', 'h', 'e', ARGV[3])
-else
-  redis.call('HSET', KEYS[1], 's', 'c', 'e', ARGV[3], 'c', ARGV[4], 'h', ARGV[5], 'b', ARGV[6])
-end
-redis.call('HDEL', KEYS[1], 'o', 'l')
-redis.call('PEXPIREAT', KEYS[1], ARGV[3])
-return 1`
-
-const DELETE = `local r = redis.call('HMGET', KEYS[1], 's', 'o')
-if r[1] ~= 'p' or r[2] ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-return 1`
+return out`
 
 type RecordReply = [Buffer, Buffer, Buffer, number, Buffer | null, Buffer | null, Buffer | null]
+type StepReply = RecordReply | number
+type StepArgument = string | number | Buffer
 
-/** The commands `defineCommand` adds to the client. */
+/** One operation waiting for its turn's call. */
+interface Step {
+  operation: string
+  key: string
+  /** The step's kind and arguments, as the script reads them from ARGV. */
+  argv: StepArgument[]
+  /** Bytes the step adds to its call, roughly: a call is kept below MAX_CALL_BYTES. */
+  bytes: number
+  resolve: (reply: StepReply) => void
+  reject: (error: Error) => void
+  /** Undoes what the step may still do once Redis answers, after it timed out. */
+  onTimeout: (() => void) | undefined
+}
+
+/** The command `defineCommand` adds to the client: numkeys, the keys, then ARGV. */
 interface ScriptedClient {
-  idempotencyInsertBuffer (key: string, fingerprint: string, owner: string, expiresAt: number, lease: number, takeOver: number): Promise<RecordReply | 1>
-  idempotencyLookupBuffer (key: string): Promise<RecordReply | null>
-  idempotencyUpdate (key: string, owner: string, kind: string, ...values: Array<string | number | Buffer>): Promise<number>
-  idempotencyDelete (key: string, owner: string): Promise<number>
+  idempotencyStepsBuffer (...arguments_: StepArgument[]): Promise<StepReply[]>
   status: string
+  isCluster?: boolean
 }
 
 const STATES: Record<string, RecordState> = { p: 'processing', c: 'completed', h: 'halted' }
 const INSERTED: InsertResult = Object.freeze({ inserted: true })
 // While the client is reconnecting, a command would wait in ioredis's offline queue: fail at once.
 const DISCONNECTED = new Set(['reconnecting', 'end', 'close'])
+// A call takes at most this many steps, or this many bytes of bodies: a turn with more sends
+// several calls, so that one script never holds Redis for long.
+const MAX_CALL_STEPS = 64
+const MAX_CALL_BYTES = 1024 * 1024
 const validateOptions = compileOptions(RedisStoreOptionsSchema, { subject: 'RedisStore', prefix: '' })
 
 /**
  * Keeps records in Redis (or a Redis Cluster), shared by every instance of the app. Each
- * operation is one round trip running one Lua script on one key; records expire through Redis
- * itself, so `prune` has nothing to do.
+ * operation is one step of a Lua script on one key; the operations of requests that arrive
+ * together share one call. Records expire through Redis itself, so `prune` has nothing to do.
  *
  * @example
  * await app.register(fastifyRedis, { url: process.env.REDIS_URL })
@@ -119,53 +148,51 @@ export class RedisStore implements IdempotencyStore {
   readonly prefix: string
   readonly timeout: number
   #client: ScriptedClient
+  #steps: Step[] = []
+  #sendSteps = (): void => { this.#send() }
 
   constructor (options: RedisStoreOptions) {
     const settings = validateOptions(options)
     this.prefix = settings.prefix
     this.timeout = settings.timeout
-    const client = settings.client
-    client.defineCommand('idempotencyInsert', { numberOfKeys: 1, lua: INSERT })
-    client.defineCommand('idempotencyLookup', { numberOfKeys: 1, lua: LOOKUP })
-    client.defineCommand('idempotencyUpdate', { numberOfKeys: 1, lua: UPDATE })
-    client.defineCommand('idempotencyDelete', { numberOfKeys: 1, lua: DELETE })
-    this.#client = client as unknown as ScriptedClient
+    // Without numberOfKeys, each call says how many keys it has.
+    settings.client.defineCommand('idempotencySteps', { lua: STEPS })
+    this.#client = settings.client as unknown as ScriptedClient
   }
 
   async insert (key: string, record: NewRecord): Promise<InsertResult> {
     const redisKey = this.prefix + key
-    const reply = await this.#call('insert', () => this.#client.idempotencyInsertBuffer(
-      redisKey, record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0
-    ), () => {
-      // The insert may still run once Redis answers: a delete sent after it, on the same
-      // connection, runs after it and removes the record, so a timed-out request holds no key.
-      this.#client.idempotencyDelete(redisKey, record.owner).catch(() => {})
-    })
-    return reply === 1 ? INSERTED : { inserted: false, record: toRecord(reply) }
+    const reply = await this.#step('insert', redisKey,
+      ['i', record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0], 0, () => {
+        // The insert may still run once Redis answers: a delete sent after it, on the same
+        // connection, runs after it and removes the record, so a timed-out request holds no key.
+        this.#step('delete', redisKey, ['d', record.owner], 0, undefined).catch(() => {})
+      })
+    return reply === 1 ? INSERTED : { inserted: false, record: toRecord(reply as RecordReply) }
   }
 
   async lookup (key: string): Promise<IdempotencyRecord | undefined> {
-    const reply = await this.#call('lookup', () => this.#client.idempotencyLookupBuffer(this.prefix + key))
-    return reply === null ? undefined : toRecord(reply)
+    const reply = await this.#step('lookup', this.prefix + key, ['l'], 0, undefined)
+    return reply === 0 ? undefined : toRecord(reply as RecordReply)
   }
 
   async update (key: string, owner: string, update: RecordUpdate): Promise<boolean> {
-    const redisKey = this.prefix + key
-    const client = this.#client
-    let send: () => Promise<number>
+    let argv: StepArgument[]
+    let bytes = 0
     if (update.state === 'processing') {
-      send = () => client.idempotencyUpdate(redisKey, owner, 'r', update.lease)
+      argv = ['r', owner, update.lease]
     } else if (update.state === 'halted') {
-      send = () => client.idempotencyUpdate(redisKey, owner, 'h', update.expiresAt)
+      argv = ['h', owner, update.expiresAt]
     } else {
       const { statusCode, headers, body } = update.response
-      send = () => client.idempotencyUpdate(redisKey, owner, 'c', update.expiresAt, statusCode, JSON.stringify(headers), body)
+      argv = ['c', owner, update.expiresAt, statusCode, JSON.stringify(headers), body]
+      bytes = body.length
     }
-    return await this.#call('update', send) === 1
+    return await this.#step('update', this.prefix + key, argv, bytes, undefined) === 1
   }
 
   async delete (key: string, owner: string): Promise<boolean> {
-    return await this.#call('delete', () => this.#client.idempotencyDelete(this.prefix + key, owner)) === 1
+    return await this.#step('delete', this.prefix + key, ['d', owner], 0, undefined) === 1
   }
 
   /** Redis expires records itself. */
@@ -173,11 +200,55 @@ export class RedisStore implements IdempotencyStore {
     return 0
   }
 
-  async #call<Reply> (operation: string, send: () => Promise<Reply>, onTimeout?: () => void): Promise<Reply> {
-    if (DISCONNECTED.has(this.#client.status)) {
-      throw new Error(`redis ${operation} failed: the client is ${this.#client.status}`)
+  #step (operation: string, key: string, argv: StepArgument[], bytes: number, onTimeout: (() => void) | undefined): Promise<StepReply> {
+    const status = this.#client.status
+    if (DISCONNECTED.has(status)) return Promise.reject(new Error(`redis ${operation} failed: the client is ${status}`))
+    return new Promise((resolve, reject) => {
+      // The first step of a turn schedules the call; it goes out once the turn's I/O is done.
+      if (this.#steps.length === 0) setImmediate(this.#sendSteps)
+      this.#steps.push({ operation, key, argv, bytes, resolve, reject, onTimeout })
+    })
+  }
+
+  #send (): void {
+    const steps = this.#steps
+    this.#steps = []
+    const perCall = this.#client.isCluster === true ? 1 : MAX_CALL_STEPS
+    let first = 0
+    let bytes = 0
+    for (let index = 0; index < steps.length; index++) {
+      bytes += (steps[index] as Step).bytes
+      if (index + 1 === steps.length || index + 1 - first === perCall || bytes + (steps[index + 1] as Step).bytes > MAX_CALL_BYTES) {
+        this.#call(first === 0 && index + 1 === steps.length ? steps : steps.slice(first, index + 1))
+        first = index + 1
+        bytes = 0
+      }
     }
-    return await withTimeout(send(), this.timeout, `redis ${operation} timed out after ${this.timeout} ms`, onTimeout)
+  }
+
+  #call (steps: Step[]): void {
+    const arguments_: StepArgument[] = [steps.length]
+    for (const step of steps) arguments_.push(step.key)
+    for (const step of steps) for (const argument of step.argv) arguments_.push(argument)
+    let pending = true
+    const timer = setTimeout(() => {
+      pending = false
+      for (const step of steps) {
+        step.onTimeout?.()
+        step.reject(new Error(`redis ${step.operation} timed out after ${this.timeout} ms`))
+      }
+    }, this.timeout)
+    this.#client.idempotencyStepsBuffer(...arguments_).then((replies) => {
+      if (!pending) return
+      pending = false
+      clearTimeout(timer)
+      for (let index = 0; index < steps.length; index++) (steps[index] as Step).resolve(replies[index] as StepReply)
+    }, (error: Error) => {
+      if (!pending) return
+      pending = false
+      clearTimeout(timer)
+      for (const step of steps) step.reject(error)
+    })
   }
 }
 

@@ -99,6 +99,75 @@ if (requireRedis(t)) {
     t.equal(error?.message, 'redis lookup failed: the client is reconnecting')
   })
 
+  /**
+   * Counts the script calls a client sends. Only EVALSHA counts: a node that has not loaded the
+   * script yet answers NOSCRIPT, and ioredis sends the same call again as EVAL.
+   */
+  function countingClient (client: Redis | Cluster): { calls: () => number } {
+    let calls = 0
+    const patched = client as unknown as { sendCommand: (...arguments_: unknown[]) => unknown }
+    const sendCommand = patched.sendCommand.bind(client)
+    patched.sendCommand = (...arguments_: unknown[]) => {
+      if ((arguments_[0] as { name: string }).name === 'evalsha') calls++
+      return sendCommand(...arguments_)
+    }
+    return { calls: () => calls }
+  }
+
+  const record = (owner: string) => ({ fingerprint: 'f', owner, expiresAt: Date.now() + 60_000, lease: 60_000, takeOverExpiredLease: false })
+
+  t.test('operations that arrive in one turn of the event loop share one script call', async (t) => {
+    const client = new Redis({ host: '127.0.0.1', port: server.port })
+    t.teardown(() => client.disconnect())
+    const store = new RedisStore({ client, prefix: 'together:' })
+    await store.lookup('warm')
+    const counter = countingClient(client)
+    const inserted = await Promise.all(Array.from({ length: 10 }, async (_, index) => await store.insert(`k${index}`, record(`o${index}`))))
+    t.ok(inserted.every((result) => result.inserted), 'every insert took effect')
+    t.equal(counter.calls(), 1, 'ten inserts, one call')
+    const mixed = await Promise.all([
+      store.update('k0', 'o0', { state: 'completed', response: { statusCode: 201, headers: {}, body: 'zero' }, expiresAt: Date.now() + 60_000 }),
+      store.update('k1', 'o1', { state: 'halted', expiresAt: Date.now() + 60_000 }),
+      store.update('k2', 'someone else', { state: 'halted', expiresAt: Date.now() + 60_000 }),
+      store.delete('k3', 'o3'),
+      store.lookup('k4'),
+      store.lookup('missing')
+    ])
+    t.same(mixed.slice(0, 4), [true, true, false, true], 'each step answers for itself')
+    t.equal((mixed[4] as { state: string }).state, 'processing')
+    t.equal(mixed[5], undefined)
+    t.equal(counter.calls(), 2, 'six mixed operations, one more call')
+    t.equal((await store.lookup('k0'))?.response?.body.toString(), 'zero')
+  })
+
+  t.test('a turn with many operations or large bodies sends several calls', async (t) => {
+    const client = new Redis({ host: '127.0.0.1', port: server.port })
+    t.teardown(() => client.disconnect())
+    const store = new RedisStore({ client, prefix: 'many:' })
+    await store.lookup('warm')
+    const counter = countingClient(client)
+    await Promise.all(Array.from({ length: 70 }, async (_, index) => await store.insert(`k${index}`, record(`o${index}`))))
+    t.equal(counter.calls(), 2, '70 steps: 64 in the first call, 6 in the second')
+    const body = Buffer.alloc(600 * 1024, 7)
+    const completed = await Promise.all([0, 1, 2].map(async (index) => await store.update(`k${index}`, `o${index}`, {
+      state: 'completed', response: { statusCode: 200, headers: {}, body }, expiresAt: Date.now() + 60_000
+    })))
+    t.same(completed, [true, true, true])
+    t.equal(counter.calls(), 5, 'three 600 KiB bodies: one call each, below 1 MiB')
+    t.ok(body.equals((await store.lookup('k2'))?.response?.body as Buffer))
+  })
+
+  t.test('on a Cluster every operation is a call of its own, as a call may touch one slot only', async (t) => {
+    const client = new Cluster(cluster.nodes)
+    t.teardown(() => client.disconnect())
+    const store = new RedisStore({ client, prefix: 'slots:' })
+    await store.lookup('warm')
+    const counter = countingClient(client)
+    const inserted = await Promise.all(Array.from({ length: 5 }, async (_, index) => await store.insert(`k${index}`, record(`o${index}`))))
+    t.ok(inserted.every((result) => result.inserted))
+    t.equal(counter.calls(), 5)
+  })
+
   t.test('prune has nothing to do: Redis expires records', async (t) => {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => client.disconnect())
