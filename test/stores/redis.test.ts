@@ -80,6 +80,22 @@ if (requireRedis(t)) {
     t.equal(await store.lookup('late'), undefined, 'the late insert was undone by the delete sent after it')
   })
 
+  t.test('a call that timed out stays failed with the timeout, whatever Redis answers later', async (t) => {
+    const client = new Redis({ host: '127.0.0.1', port: server.port })
+    const admin = new Redis({ host: '127.0.0.1', port: server.port })
+    t.teardown(() => { client.disconnect(); admin.disconnect() })
+    await admin.set('late-error:type', 'a string, not a hash')
+    const store = new RedisStore({ client, timeout: 50, prefix: 'late-error:' })
+    await store.lookup('warm')
+    const blocked = admin.call('DEBUG', 'SLEEP', '0.2')
+    await sleep(20)
+    const error = await store.lookup('type').then(() => undefined, (failure: unknown) => failure as Error)
+    t.equal(error?.message, 'redis lookup timed out after 50 ms', 'not the WRONGTYPE Redis answers after the timeout')
+    await blocked
+    t.match(await store.lookup('type').then(() => undefined, (failure: unknown) => (failure as Error).message), /WRONGTYPE/,
+      'the same call answered in time fails with the error')
+  })
+
   t.test('passes on the error Redis answers with', async (t) => {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => client.disconnect())
