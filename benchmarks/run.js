@@ -47,6 +47,7 @@ async function measure (scenario) {
       cpu: median(list.map((entry) => entry.cpu)),
       store: median(list.map((entry) => entry.store)),
       ratio: median(list.map((entry, run) => entry.cpu / bare[run].cpu)),
+      ratios: list.map((entry, run) => entry.cpu / bare[run].cpu).sort((a, b) => a - b),
       bad: list.reduce((sum, entry) => sum + entry.bad, 0)
     }))
   } finally {
@@ -59,8 +60,8 @@ for (const scenario of scenarios) rows.push(...await measure(scenario))
 
 console.log(`\nfastify-idempotency benchmark, ${new Date().toISOString().slice(0, 10)}, Node ${process.version}, ` +
   `${connections} connections at ${rate > 0 ? `${rate} req/s` : 'full speed'}, ${runs} runs of ${seconds} s (medians; ratio = median of per-run ratios)\n`)
-console.log('| scenario | server | req/s | p99 ms | CPU µs/req | of which store | CPU ÷ bare | non-2xx/errors |')
-console.log('| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |')
+console.log('| scenario | server | req/s | p99 ms | CPU µs/req | of which store | CPU ÷ bare | lowest–highest run | non-2xx/errors |')
+console.log('| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
 for (const row of rows) {
-  console.log(`| ${row.scenario} | ${row.variant} | ${Math.round(row.rps)} | ${row.p99} | ${row.cpu.toFixed(1)} | ${row.store.toFixed(1)} | ${row.ratio.toFixed(2)} | ${row.bad} |`)
+  console.log(`| ${row.scenario} | ${row.variant} | ${Math.round(row.rps)} | ${row.p99} | ${row.cpu.toFixed(1)} | ${row.store.toFixed(1)} | ${row.ratio.toFixed(2)} | ${row.ratios[0].toFixed(2)}–${row.ratios.at(-1).toFixed(2)} | ${row.bad} |`)
 }

@@ -153,11 +153,9 @@ class Fingerprint {
 // walked and hashed in chunks.
 const JSON_LIMIT = 4096
 // An in-process store keeps a canonical text up to this size as the fingerprint itself (below
-// FLUSH_AT: such a text is never fed to a hash). The mark cannot start a digest (base64url), so
-// a text never equals a digest.
+// FLUSH_AT: such a text is never fed to a hash). What is fingerprinted is always an array, whose
+// text starts with `[`, which no digest (base64url) starts with: a text never equals a digest.
 const TEXT_LIMIT = 256
-const TEXT_MARK = '='
-const EMPTY_OBJECT_BUDGET = JSON_LIMIT - 2
 
 /**
  * The size budget left after `value`, or -1 when JSON.stringify does not give the canonical
@@ -200,25 +198,24 @@ function jsonBudget (value: unknown, budget: number): number {
 }
 
 function fingerprintOf (text: string, inProcess: boolean): string {
-  return inProcess && text.length <= TEXT_LIMIT ? TEXT_MARK + text : hash('sha256', text, 'base64url')
+  return inProcess && text.length <= TEXT_LIMIT ? text : hash('sha256', text, 'base64url')
 }
 
 /**
- * The default fingerprint: the parsed query and body, in canonical form. An in-process store
- * gets a small one as text, any other store its SHA-256 digest.
+ * The fingerprint of `values` in canonical form (an array's): an in-process store gets a small
+ * one as the text itself, which is one flat string to keep, any other store its SHA-256 digest.
  */
+function fingerprint (values: unknown[], inProcess: boolean): string {
+  if (jsonBudget(values, JSON_LIMIT) >= 0) return fingerprintOf(JSON.stringify(values), inProcess)
+  return new Fingerprint().add(values).digest(inProcess)
+}
+
+/** The default fingerprint: the parsed query and body. */
 export function requestFingerprint (query: unknown, body: unknown, inProcess = false): string {
-  const budget = jsonBudget(query, JSON_LIMIT)
-  if (budget >= 0 && jsonBudget(body, budget) >= 0) {
-    // Most writes carry no query: `{}` needs no JSON.stringify.
-    const queryText = budget === EMPTY_OBJECT_BUDGET && typeof query === 'object' ? '{}' : JSON.stringify(query)
-    return fingerprintOf(queryText + JSON.stringify(body), inProcess)
-  }
-  return new Fingerprint().add(query).add(body).digest(inProcess)
+  return fingerprint([query, body], inProcess)
 }
 
 /** The fingerprint of what a route's `fingerprint` option returned. */
 export function valueFingerprint (value: unknown, inProcess = false): string {
-  if (jsonBudget(value, JSON_LIMIT) >= 0) return fingerprintOf(JSON.stringify(value), inProcess)
-  return new Fingerprint().add(value).digest(inProcess)
+  return fingerprint([value], inProcess)
 }

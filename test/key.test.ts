@@ -60,11 +60,12 @@ t.test('the query counts: the same body with another query is another request', 
 })
 
 t.test('a store outside the process gets a digest; an in-process store keeps a small canonical text', async (t) => {
-  t.equal(requestFingerprint({}, { b: 2, a: 1 }), digest('{}{"a":1,"b":2}'))
-  t.equal(requestFingerprint({}, { b: 2, a: 1 }, true), '={}{"a":1,"b":2}')
-  t.equal(requestFingerprint({ x: '1' }, [1, 'two'], true), '={"x":"1"}[1,"two"]')
+  t.equal(requestFingerprint({}, { b: 2, a: 1 }), digest('[{},{"a":1,"b":2}]'))
+  t.equal(requestFingerprint({}, { b: 2, a: 1 }, true), '[{},{"a":1,"b":2}]')
+  t.equal(requestFingerprint({ x: '1' }, [1, 'two'], true), '[{"x":"1"},[1,"two"]]')
+  t.equal(valueFingerprint('abc', true), '["abc"]', 'a text always starts with [, which no digest does')
   const large = { text: 'x'.repeat(300) }
-  t.equal(requestFingerprint({}, large, true), digest(`{}${JSON.stringify(large)}`), 'a larger text is hashed even in process')
+  t.equal(requestFingerprint({}, large, true), digest(`[{},${JSON.stringify(large)}]`), 'a larger text is hashed even in process')
   const huge = { text: 'y'.repeat(10_000), list: [1, 2, 3] }
-  t.equal(requestFingerprint({}, huge), digest(`{}{"list":[1,2,3],"text":"${'y'.repeat(10_000)}"}`), 'a huge value is hashed in chunks to the same digest')
+  t.equal(requestFingerprint({}, huge), digest(`[{},{"list":[1,2,3],"text":"${'y'.repeat(10_000)}"}]`), 'a huge value is hashed in chunks to the same digest')
 })
