@@ -212,7 +212,17 @@ function fingerprint (values: unknown[], inProcess: boolean): string {
 
 /** The default fingerprint: the parsed query and body. */
 export function requestFingerprint (query: unknown, body: unknown, inProcess = false): string {
+  // Most writes have no query: its text is known, and the body alone goes through JSON.stringify.
+  if (isEmptyObject(query) && jsonBudget(body, JSON_LIMIT) >= 0) return fingerprintOf(`[{},${JSON.stringify(body)}]`, inProcess)
   return fingerprint([query, body], inProcess)
+}
+
+function isEmptyObject (value: unknown): boolean {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) return false
+  const prototype = Object.getPrototypeOf(value)
+  if (prototype !== Object.prototype && prototype !== null) return false
+  for (const _ in value) return false
+  return true
 }
 
 /** The fingerprint of what a route's `fingerprint` option returned. */

@@ -15,7 +15,7 @@ t.test('a storage key is the SHA-256 digest of scope, method, path and key, or t
 // Canonical equality must not depend on which path computes it: JSON.stringify for parsed
 // JSON with sorted keys, the walk for anything else.
 const equalPairs: Array<[string, unknown, unknown]> = [
-  ['reordered keys', { a: 1, b: { c: [1, 2], d: null } }, { b: { d: null, c: [1, 2] }, a: 1 }],
+  ['reordered keys', { a: 1, b: { c: [1, 2], d: null, e: true } }, { b: { e: true, d: null, c: [1, 2] }, a: 1 }],
   ['integer-like keys', { 9: 'x', 10: 'y' }, { 10: 'y', 9: 'x' }],
   ['a null-prototype object', Object.assign(Object.create(null), { b: 2, a: 1 }), { a: 1, b: 2 }],
   ['undefined members', { a: 1, b: undefined }, { a: 1 }],
@@ -53,7 +53,11 @@ for (const [name, first, second] of differentPairs) {
 }
 
 t.test('the query counts: the same body with another query is another request', async (t) => {
+  class Query {}
   for (const inProcess of [false, true]) {
+    t.equal(requestFingerprint(new Query(), { a: 1 }, inProcess), requestFingerprint({}, { a: 1 }, inProcess), 'an empty query object of any class')
+    t.not(requestFingerprint([], { a: 1 }, inProcess), requestFingerprint({}, { a: 1 }, inProcess), 'an array is not an empty object')
+    t.not(requestFingerprint(null, { a: 1 }, inProcess), requestFingerprint({}, { a: 1 }, inProcess))
     t.not(requestFingerprint({ dry: 'true' }, { a: 1 }, inProcess), requestFingerprint({}, { a: 1 }, inProcess))
     t.equal(requestFingerprint({ b: '2', a: '1' }, {}, inProcess), requestFingerprint({ a: '1', b: '2' }, {}, inProcess))
   }
