@@ -14,6 +14,7 @@ import idempotency, {
   RedisStore,
   RequestTracker,
   StoreUnavailableError,
+  type Awaitable,
   type IdempotencyError,
   type IdempotencyOptions,
   type IdempotencyRecord,
@@ -79,6 +80,20 @@ class UserStore implements IdempotencyStore {
   async prune (): Promise<number> { return 0 }
 }
 app.register(idempotency, { store: new UserStore() })
+
+// A store may answer synchronously, as the memory store does, and say it keeps records in process.
+class SyncUserStore implements IdempotencyStore {
+  readonly inProcess = true
+  insert (_key: string, _record: NewRecord): InsertResult { return { inserted: true } }
+  lookup (_key: string): IdempotencyRecord | undefined { return undefined }
+  update (_key: string, _owner: string, _update: RecordUpdate): boolean { return true }
+  delete (_key: string, _owner: string): boolean { return true }
+  prune (): number { return 0 }
+}
+app.register(idempotency, { store: new SyncUserStore() })
+expectType<number>(new SyncUserStore().prune())
+expectType<Awaitable<number>>((new SyncUserStore() as IdempotencyStore).prune())
+expectNotAssignable<IdempotencyStore>({ ...new SyncUserStore(), inProcess: 'yes' })
 expectAssignable<IdempotencyStore>(new MemoryStore())
 expectNotAssignable<IdempotencyStore>({ insert: async () => ({ inserted: true }) })
 
@@ -86,9 +101,13 @@ expectNotAssignable<IdempotencyStore>({ insert: async () => ({ inserted: true })
 expectType<RequestTracker>(app.idempotency)
 expectType<IdempotencyStore>(app.idempotency.store)
 const trackOptions: TrackOptions = { cacheTtl: 1000, processingTtl: 100, releaseOnError: false }
-expectType<Promise<TrackResult>>(app.idempotency.track('key', 'fingerprint', trackOptions))
+// The tracker answers as its store does: directly or through a promise; `await` fits both.
+expectType<Awaitable<TrackResult>>(app.idempotency.track('key', 'fingerprint', trackOptions))
 declare const stored: StoredResponse
-expectType<Promise<boolean>>(app.idempotency.putResponse('key', 'owner', stored, Date.now() + 1000))
+expectType<Awaitable<boolean>>(app.idempotency.putResponse('key', 'owner', stored, Date.now() + 1000))
+expectAssignable<StoredResponse>({ statusCode: 200, headers: {}, body: 'text' })
+expectAssignable<StoredResponse>({ statusCode: 200, headers: {}, body: Buffer.from('bytes') })
+expectNotAssignable<StoredResponse>({ statusCode: 200, headers: {}, body: 42 })
 expectError(app.idempotency.putResponse('key', 'owner', { statusCode: 200 }, 0))
 
 app.post('/orders', async (request) => {
