@@ -1,6 +1,8 @@
-// `npm run bench:profile -- <variant> <scenario>`: where one server's CPU goes under the
+// `npm run bench:profile -- <variant> <scenario>`: where one server's time goes under the
 // benchmark's load. The server runs with `node --cpu-prof`; the profile is summed by function
-// (self time), by package, and for the plugin's own functions with what they call.
+// (self time), by package, and for the plugin's own functions with what they call. A profile
+// samples wall-clock time: time in a system call (writev) includes waiting for the CPU, so
+// compare functions with each other and with bare Fastify's profile, not with `npm run bench`.
 import { readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -12,9 +14,11 @@ const top = Number(process.env.PROFILE_TOP ?? 30)
 const directory = fileURLToPath(new URL(`./results/profiles/${variant}-${scenario}-${Date.now()}`, import.meta.url))
 
 const server = await start(variant, { execArgv: ['--cpu-prof', `--cpu-prof-dir=${directory}`] })
-await load(server.port, scenario, 2)
+const warmup = await load(server.port, scenario, 2)
 const result = await load(server.port, scenario, seconds)
 await server.stop()
+// The profile covers the warm-up too.
+const requests = warmup.requests.total + result.requests.total
 
 const file = join(directory, readdirSync(directory).find((name) => name.endsWith('.cpuprofile')))
 const profile = JSON.parse(readFileSync(file, 'utf8'))
@@ -68,8 +72,7 @@ for (const [id, time] of self) {
   }
 }
 
-const requests = result.requests.total + profile.samples.length * 0
-const perRequest = (time) => (time / result.requests.total).toFixed(2).padStart(7)
+const perRequest = (time) => (time / requests).toFixed(2).padStart(7)
 const share = (time) => `${(100 * time / busy).toFixed(1).padStart(5)} %`
 const print = (title, entries) => {
   console.log(`\n${title}\n   µs/req    share`)
@@ -78,8 +81,8 @@ const print = (title, entries) => {
   }
 }
 
-console.log(`${variant} ${scenario}: ${requests} requests in the profile's last ${seconds} s (plus a 2 s warm-up); profile ${file}`)
-console.log(`busy CPU over the whole profile: ${perRequest(busy)} µs per measured request`)
+console.log(`${variant} ${scenario}: ${requests} requests in ${seconds + 2} s; profile ${file}`)
+console.log(`busy time: ${perRequest(busy)} µs per request`)
 print('by package (self time)', byPackage)
 print('by function (self time)', bySelf)
 print("the plugin's functions (inclusive time)", inclusive)

@@ -36,6 +36,8 @@ interface Entry {
   owner: string
   expiresAt: number
   leaseExpiresAt: number
+  /** When the request started, in ms. */
+  startedAt: number
   response: StoredResponse | undefined
   size: number
 }
@@ -44,6 +46,7 @@ const validateOptions = compileOptions(MemoryStoreOptionsSchema, { subject: 'Mem
 const ENTRY_OVERHEAD = 160
 const INSERTED: InsertResult = Object.freeze({ inserted: true })
 const EVICTION_WARNING_INTERVAL = 60_000
+const REORDER_AFTER = 1000
 
 /**
  * Keeps records in this process: for one instance, tests and development. It answers at once,
@@ -59,7 +62,7 @@ export class MemoryStore implements IdempotencyStore {
   readonly maxBytes: number
   #now: () => number
   #logger: WarningLogger | undefined
-  // Map order is the eviction order: a record moves to the end when it completes.
+  // Map order is the eviction order: a request's start, or its end for one that ran long.
   #records = new Map<string, Entry>()
   #bytes = 0
   #evictedSinceWarning = 0
@@ -95,6 +98,7 @@ export class MemoryStore implements IdempotencyStore {
       owner: record.owner,
       expiresAt: record.expiresAt,
       leaseExpiresAt: now + record.lease,
+      startedAt: now,
       response: undefined,
       size
     })
@@ -127,9 +131,12 @@ export class MemoryStore implements IdempotencyStore {
       const added = responseSize(update.response)
       entry.response = update.response
       entry.size += added
-      // A request that ran long is the one whose client most likely timed out and will retry.
-      this.#records.delete(key)
-      this.#records.set(key, entry)
+      // A request that ran long is the one whose client most likely timed out and will retry:
+      // it moves to the back. Most requests end within a second of starting, where they stand.
+      if (now - entry.startedAt >= REORDER_AFTER) {
+        this.#records.delete(key)
+        this.#records.set(key, entry)
+      }
       this.#grow(added, now, entry)
     }
     return true
