@@ -36,9 +36,13 @@ interface Entry {
   owner: string
   expiresAt: number
   leaseExpiresAt: number
-  /** When the request started, in ms. */
-  startedAt: number
-  response: StoredResponse | undefined
+  /** The lease was renewed: the request ran long. */
+  renewed: boolean
+  // A completed record's response, kept in the entry itself: a record is as few objects as can
+  // be, since every object kept is work for the garbage collector for as long as it lives.
+  statusCode: number
+  headers: StoredResponse['headers'] | undefined
+  body: StoredResponse['body'] | undefined
   size: number
 }
 
@@ -46,7 +50,6 @@ const validateOptions = compileOptions(MemoryStoreOptionsSchema, { subject: 'Mem
 const ENTRY_OVERHEAD = 160
 const INSERTED: InsertResult = Object.freeze({ inserted: true })
 const EVICTION_WARNING_INTERVAL = 60_000
-const REORDER_AFTER = 1000
 
 /**
  * Keeps records in this process: for one instance, tests and development. It answers at once,
@@ -98,8 +101,10 @@ export class MemoryStore implements IdempotencyStore {
       owner: record.owner,
       expiresAt: record.expiresAt,
       leaseExpiresAt: now + record.lease,
-      startedAt: now,
-      response: undefined,
+      renewed: false,
+      statusCode: 0,
+      headers: undefined,
+      body: undefined,
       size
     })
     this.#grow(size, now)
@@ -122,6 +127,7 @@ export class MemoryStore implements IdempotencyStore {
     if (update.state === 'processing') {
       entry.leaseExpiresAt = now + update.lease
       entry.expiresAt = Math.max(entry.expiresAt, entry.leaseExpiresAt)
+      entry.renewed = true
       return true
     }
     entry.state = update.state
@@ -129,11 +135,13 @@ export class MemoryStore implements IdempotencyStore {
     entry.owner = ''
     if (update.state === 'completed') {
       const added = responseSize(update.response)
-      entry.response = update.response
+      entry.statusCode = update.response.statusCode
+      entry.headers = update.response.headers
+      entry.body = update.response.body
       entry.size += added
-      // A request that ran long is the one whose client most likely timed out and will retry:
-      // it moves to the back. Most requests end within a second of starting, where they stand.
-      if (now - entry.startedAt >= REORDER_AFTER) {
+      // A request that ran long enough to renew its lease is the one whose client most likely
+      // timed out and will retry: it moves to the back. Others keep their place.
+      if (entry.renewed) {
         this.#records.delete(key)
         this.#records.set(key, entry)
       }
@@ -201,7 +209,9 @@ function toRecord (entry: Entry, leaseExpired: boolean): IdempotencyRecord {
     fingerprint: entry.fingerprint,
     expiresAt: entry.expiresAt,
     leaseExpired,
-    response: entry.response
+    response: entry.state === 'completed'
+      ? { statusCode: entry.statusCode, headers: entry.headers as StoredResponse['headers'], body: entry.body as StoredResponse['body'] }
+      : undefined
   }
 }
 
