@@ -238,7 +238,14 @@ export class RedisStore implements IdempotencyStore {
         step.reject(new Error(`redis ${step.operation} timed out after ${this.timeout} ms`))
       }
     }, this.timeout)
-    this.#client.idempotencyStepsBuffer(...arguments_).then((replies) => {
+    let sent: Promise<StepReply[]>
+    try {
+      sent = this.#client.idempotencyStepsBuffer(...arguments_)
+    } catch (error) {
+      // Thrown rather than rejected (by a client that is not ioredis): fail the steps, not the timer.
+      sent = Promise.reject(error)
+    }
+    sent.then((replies) => {
       if (!pending) return
       pending = false
       clearTimeout(timer)

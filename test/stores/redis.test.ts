@@ -190,3 +190,17 @@ if (requireRedis(t)) {
     t.equal(await new RedisStore({ client }).prune(), 0)
   })
 }
+
+t.test('a client that throws instead of rejecting fails the operations of its call', async (t) => {
+  const client = {
+    status: 'ready',
+    defineCommand () {},
+    idempotencyStepsBuffer () { throw new Error('not connected') }
+  }
+  const store = new RedisStore({ client })
+  const failures = await Promise.all([
+    store.lookup('a').then(() => undefined, (error: unknown) => (error as Error).message),
+    store.delete('b', 'owner').then(() => undefined, (error: unknown) => (error as Error).message)
+  ])
+  t.same(failures, ['not connected', 'not connected'])
+})
