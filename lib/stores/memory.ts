@@ -67,6 +67,9 @@ export class MemoryStore implements IdempotencyStore {
   #logger: WarningLogger | undefined
   // Map order is the eviction order: a request's start, or its end for one that ran long.
   #records = new Map<string, Entry>()
+  // Where eviction goes on from. A Map marks deleted entries and compacts only now and then: a
+  // new iterator for every eviction would step over all the entries evicted since, on every insert.
+  #evictionCursor: MapIterator<[string, Entry]> | undefined
   #bytes = 0
   #evictedSinceWarning = 0
   #lastWarningAt = -Infinity
@@ -182,8 +185,18 @@ export class MemoryStore implements IdempotencyStore {
     this.#bytes += size
     if (this.#bytes <= this.maxBytes) return
     let evicted = 0
-    for (const [key, entry] of this.#records) {
-      if (this.#bytes <= this.maxBytes) break
+    let restarted = false
+    while (this.#bytes > this.maxBytes) {
+      this.#evictionCursor ??= this.#records.entries()
+      const next = this.#evictionCursor.next()
+      if (next.done === true) {
+        // Records passed over while still running are looked at again from the start, once.
+        this.#evictionCursor = undefined
+        if (restarted) break
+        restarted = true
+        continue
+      }
+      const [key, entry] = next.value
       if (entry.expiresAt <= now) {
         this.#remove(key, entry)
       } else if (entry.state === 'completed' && entry !== keep) {
