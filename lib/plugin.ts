@@ -236,17 +236,20 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
       let body: Buffer | string | undefined
       let source: Readable | undefined
       try {
-        if (isWebResponse(payload)) {
-          // Fastify applies a Response's status and headers after onSend, from the Response
-          // object; the payload handed on is its body, so they are applied here instead.
-          reply.code(payload.status)
-          for (const [name, value] of payload.headers) reply.header(name, value)
-          payload = payload.body
+        if (typeof payload === 'string') {
+          body = payload
+        } else {
+          if (isWebResponse(payload)) {
+            // Fastify applies a Response's status and headers after onSend, from the Response
+            // object; the payload handed on is its body, so they are applied here instead.
+            reply.code(payload.status)
+            for (const [name, value] of payload.headers) reply.header(name, value)
+            payload = payload.body
+          }
+          if (payload instanceof ReadableStream) payload = Readable.fromWeb(payload as never)
+          if (isReadable(payload)) source = payload
+          else body = toBuffer(payload)
         }
-        if (payload instanceof ReadableStream) payload = Readable.fromWeb(payload as never)
-        if (typeof payload === 'string') body = payload
-        else if (isReadable(payload)) source = payload
-        else body = toBuffer(payload)
       } catch (error) {
         andThen(settle(request, owned, 'halt', 'the response could not be read'), () => { next(error as Error) })
         return
@@ -296,9 +299,12 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
       owned.handlerDone = true
       throw error
     }
-    // A reply is thenable too (it resolves when the response ends): returned from a handler,
-    // it means the handler is done. The handler's own promise goes back to Fastify untouched.
-    if (result !== reply && isPromiseLike(result)) {
+    // Most handlers send before they return: the record is saved already, and nothing is left
+    // to watch. A reply is thenable too (it resolves when the response ends): returned from a
+    // handler, it means the handler is done. The handler's own promise goes back to Fastify untouched.
+    if ((request as TrackedRequest)[kOwnedRecord] !== owned) {
+      owned.handlerDone = true
+    } else if (result !== reply && isPromiseLike(result)) {
       const done = (): void => { handlerSettled(request, reply, owned) }
       result.then(done, done)
     } else {
@@ -393,16 +399,32 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
   }
 
   // The headers the handler set: those the app set before it ran (CORS, request ids) belong to
-  // each request and are not replayed.
+  // each request and are not replayed. Responses of a route mostly carry the same headers (the
+  // same Expires within a second): a set equal to the last one stored is stored as that same
+  // object, which a store in this process then keeps once. Stored headers are never modified.
+  let lastHeaders: StoredResponse['headers'] = {}
+  let lastHeaderCount = 0
   function response (reply: FastifyReply, owned: OwnedRecord, body: Buffer | string): StoredResponse {
-    const headers: StoredResponse['headers'] = {}
     const before = owned.headersBefore
     const all = reply.getHeaders()
+    let count = 0
+    let same = true
     for (const name in all) {
       const value = all[name]
-      if (value !== undefined && !excludedHeaders.has(name) && (before === undefined || before[name] !== value)) headers[name] = value
+      if (value === undefined || excludedHeaders.has(name) || (before !== undefined && before[name] === value)) continue
+      count++
+      if (same && lastHeaders[name] !== value) same = false
     }
-    return { statusCode: reply.statusCode, headers, body }
+    if (!same || count !== lastHeaderCount) {
+      const headers: StoredResponse['headers'] = {}
+      for (const name in all) {
+        const value = all[name]
+        if (value !== undefined && !excludedHeaders.has(name) && (before === undefined || before[name] !== value)) headers[name] = value
+      }
+      lastHeaders = headers
+      lastHeaderCount = count
+    }
+    return { statusCode: reply.statusCode, headers: lastHeaders, body }
   }
 
   function saveCompleted (request: FastifyRequest, owned: OwnedRecord, stored: StoredResponse, expiresAt: number): Awaitable<void> {
