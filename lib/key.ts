@@ -154,8 +154,9 @@ class Fingerprint {
 // walked and hashed in chunks.
 const JSON_LIMIT = 4096
 // An in-process store keeps a canonical text up to this size as the fingerprint itself (below
-// FLUSH_AT: such a text is never fed to a hash). What is fingerprinted is always an array, whose
-// text starts with `[`, which no digest (base64url) starts with: a text never equals a digest.
+// FLUSH_AT: such a text is never fed to a hash). What is fingerprinted is a plain object or an
+// array, whose text starts with `{` or `[`, which no digest (base64url) does: a text never
+// equals a digest.
 const TEXT_LIMIT = 256
 
 /**
@@ -203,28 +204,40 @@ function fingerprintOf (text: string, inProcess: boolean): string {
 }
 
 /**
- * The fingerprint of `values` in canonical form (an array's): an in-process store gets a small
- * one as the text itself, which is one flat string to keep, any other store its SHA-256 digest.
+ * The fingerprint of `value` (a plain object or an array) in canonical form: an in-process store
+ * gets a small one as the text itself, which is one flat string to keep, any other store its
+ * SHA-256 digest.
  */
-function fingerprint (values: unknown[], inProcess: boolean): string {
-  if (jsonBudget(values, JSON_LIMIT) >= 0) return fingerprintOf(JSON.stringify(values), inProcess)
-  return new Fingerprint().add(values).digest(inProcess)
+function fingerprint (value: object, inProcess: boolean): string {
+  if (jsonBudget(value, JSON_LIMIT) >= 0) return fingerprintOf(JSON.stringify(value), inProcess)
+  return new Fingerprint().add(value).digest(inProcess)
 }
 
-/** The default fingerprint: the parsed query and body. */
+/**
+ * The default fingerprint: the parsed query and body. Most writes have no query and a JSON
+ * object for a body: the body alone stands for them, its text starting with `{`; any other
+ * request is the array `[query, body]`, whose text starts with `[`. The two never meet.
+ */
 export function requestFingerprint (query: unknown, body: unknown, inProcess = false): string {
-  // Most writes have no query: Fastify's is an object without a prototype, which JSON.stringify
-  // writes slowly; a plain one stands in for it.
-  return fingerprint([isEmptyObject(query) ? EMPTY_QUERY : query, body], inProcess)
+  if (!isRecord(query) || !hasNoMembers(query)) return fingerprint([query, body], inProcess)
+  // Fastify's query is an object without a prototype, which JSON.stringify writes slowly; a
+  // plain one stands in for it.
+  return isRecord(body) ? fingerprint(body, inProcess) : fingerprint([EMPTY_QUERY, body], inProcess)
 }
 
 const EMPTY_QUERY = Object.freeze({})
 
-function isEmptyObject (value: unknown): boolean {
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) return false
-  const prototype = Object.getPrototypeOf(value)
-  if (prototype !== Object.prototype && prototype !== null) return false
-  for (const _ in value) return false
+/** An object whose canonical text is `{…}`. */
+function isRecord (value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value) && !(value instanceof Uint8Array) &&
+    typeof (value as { toJSON?: unknown }).toJSON !== 'function'
+}
+
+/** Whether a record's canonical text is `{}`. */
+function hasNoMembers (value: Record<string, unknown>): boolean {
+  for (const name in value) {
+    if (Object.hasOwn(value, name) && value[name] !== undefined) return false
+  }
   return true
 }
 

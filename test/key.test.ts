@@ -64,12 +64,28 @@ t.test('the query counts: the same body with another query is another request', 
 })
 
 t.test('a store outside the process gets a digest; an in-process store keeps a small canonical text', async (t) => {
-  t.equal(requestFingerprint({}, { b: 2, a: 1 }), digest('[{},{"a":1,"b":2}]'))
-  t.equal(requestFingerprint({}, { b: 2, a: 1 }, true), '[{},{"a":1,"b":2}]')
-  t.equal(requestFingerprint({ x: '1' }, [1, 'two'], true), '[{"x":"1"},[1,"two"]]')
-  t.equal(valueFingerprint('abc', true), '["abc"]', 'a text always starts with [, which no digest does')
+  t.equal(requestFingerprint({}, { b: 2, a: 1 }), digest('{"a":1,"b":2}'))
+  t.equal(requestFingerprint({}, { b: 2, a: 1 }, true), '{"a":1,"b":2}', 'no query and an object body: the body alone')
+  t.equal(requestFingerprint(Object.create(null), {}, true), '{}')
+  t.equal(requestFingerprint({ x: '1' }, [1, 'two'], true), '[{"x":"1"},[1,"two"]]', 'a query: the array of both')
+  t.equal(requestFingerprint({}, [1, 'two'], true), '[{},[1,"two"]]', 'a body that is not an object: the array of both')
+  t.equal(valueFingerprint('abc', true), '["abc"]', 'a text always starts with [ or {, which no digest does')
   const large = { text: 'x'.repeat(300) }
-  t.equal(requestFingerprint({}, large, true), digest(`[{},${JSON.stringify(large)}]`), 'a larger text is hashed even in process')
+  t.equal(requestFingerprint({}, large, true), digest(JSON.stringify(large)), 'a larger text is hashed even in process')
   const huge = { text: 'y'.repeat(10_000), list: [1, 2, 3] }
-  t.equal(requestFingerprint({}, huge), digest(`[{},{"list":[1,2,3],"text":"${'y'.repeat(10_000)}"}]`), 'a huge value is hashed in chunks to the same digest')
+  t.equal(requestFingerprint({}, huge), digest(`{"list":[1,2,3],"text":"${'y'.repeat(10_000)}"}`), 'a huge value is hashed in chunks to the same digest')
+})
+
+t.test('a body alone never stands for a request with a query, nor an object body for any other', async (t) => {
+  const cases: Array<[string, [unknown, unknown], [unknown, unknown]]> = [
+    ['a body that spells out a query and a body', [{}, [{ x: '1' }, [1]]], [{ x: '1' }, [1]]],
+    ['a Buffer body and an object', [{}, Buffer.from('{}')], [{}, {}]],
+    ['an object whose toJSON writes what the array of both would be', [{}, { toJSON: () => [{}, 1] }], [{}, 1]]
+  ]
+  for (const inProcess of [false, true]) {
+    for (const [name, [firstQuery, firstBody], [secondQuery, secondBody]] of cases) {
+      t.not(requestFingerprint(firstQuery, firstBody, inProcess), requestFingerprint(secondQuery, secondBody, inProcess), `${name}, inProcess ${String(inProcess)}`)
+    }
+    t.equal(requestFingerprint({ a: undefined }, { b: 1 }, inProcess), requestFingerprint({}, { b: 1 }, inProcess), 'a query of undefined members is empty')
+  }
 })
