@@ -402,7 +402,7 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
   // each request and are not replayed. Responses of a route mostly carry the same headers (the
   // same Expires within a second): a set equal to the last one stored is stored as that same
   // object, which a store in this process then keeps once. Stored headers are never modified.
-  let lastHeaders: StoredResponse['headers'] = {}
+  let lastHeaders: StoredResponse['headers'] = Object.freeze({})
   let lastHeaderCount = 0
   function response (reply: FastifyReply, owned: OwnedRecord, body: Buffer | string): StoredResponse {
     const before = owned.headersBefore
@@ -421,7 +421,8 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
         const value = all[name]
         if (value !== undefined && !excludedHeaders.has(name) && (before === undefined || before[name] !== value)) headers[name] = value
       }
-      lastHeaders = headers
+      // Frozen: records share it, and a store in this process hands it out from lookup().
+      lastHeaders = Object.freeze(headers)
       lastHeaderCount = count
     }
     return { statusCode: reply.statusCode, headers: lastHeaders, body }

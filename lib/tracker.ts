@@ -33,7 +33,11 @@ export interface RequestTrackerOptions extends TrackOptions {
   logger: TrackerLogger
 }
 
-let inProcessOwners = 0
+// Owner tokens are a random id drawn once per load of this module and a counter: unique across
+// every tracker, thread and instance that shares a store, without drawing random bytes for each
+// request.
+const OWNER_PREFIX = `${randomUUID()}.`
+let owners = 0
 
 interface Lease {
   key: string
@@ -66,22 +70,16 @@ export class RequestTracker {
   #leases = new Map<string, Lease>()
   #renewTimer: NodeJS.Timeout | undefined
   #renewEvery = Infinity
-  // Owner tokens are this tracker's random id and a counter: unique across every instance that
-  // shares the store, without drawing random bytes for each request. A store in this process
-  // is shared with this process only: the process's own counter is enough.
-  #ownerPrefix: string | undefined
-  #owners = 0
 
   constructor (store: IdempotencyStore, { logger, ...defaults }: RequestTrackerOptions) {
     this.store = store
-    this.#ownerPrefix = store.inProcess === true ? undefined : `${randomUUID()}.`
     this.defaults = Object.freeze(defaults)
     this.#logger = logger
   }
 
   /** Looks the key up and, when no live record holds it, atomically creates one owned by this request. */
   track (key: string, fingerprint: string, options: TrackOptions = this.defaults): Awaitable<TrackResult> {
-    const owner = this.#ownerPrefix === undefined ? (++inProcessOwners).toString(36) : this.#ownerPrefix + (++this.#owners).toString(36)
+    const owner = OWNER_PREFIX + (++owners).toString(36)
     const now = Date.now()
     // A running record lives at least as long as its lease; renewals keep it alive past that.
     const expiresAt = now + Math.max(options.cacheTtl, options.processingTtl)

@@ -1,6 +1,6 @@
 import { Readable } from 'node:stream'
 import t from 'tap'
-import Fastify from 'fastify'
+import Fastify, { type FastifyReply, type FastifyRequest } from 'fastify'
 import idempotency, { MemoryStore } from '../lib/index.js'
 import { buildApp } from './helpers/app.js'
 import { logCollector } from './helpers/logs.js'
@@ -367,24 +367,27 @@ t.test('stores typed-array responses', async (t) => {
   await app.close()
 })
 
-t.test('halts the record of a hijacked reply once its response is finished', async (t) => {
-  const logs = logCollector()
-  const app = Fastify({ logger: { level: 'warn', stream: logs.stream } })
-  await app.register(idempotency, { releaseOnError: true })
-  let runs = 0
-  app.post('/raw', { config: { idempotency: true } }, async (request, reply) => {
-    runs++
-    reply.hijack()
-    reply.raw.writeHead(200, { 'content-type': 'text/plain' })
-    reply.raw.end('written by hand')
+for (const kind of ['async', 'synchronous'] as const) {
+  t.test(`halts the record of a hijacked reply once its response is finished (${kind} handler)`, async (t) => {
+    const logs = logCollector()
+    const app = Fastify({ logger: { level: 'warn', stream: logs.stream } })
+    await app.register(idempotency, { releaseOnError: true })
+    let runs = 0
+    const handler = (request: FastifyRequest, reply: FastifyReply): void => {
+      runs++
+      reply.hijack()
+      reply.raw.writeHead(200, { 'content-type': 'text/plain' })
+      reply.raw.end('written by hand')
+    }
+    app.post('/raw', { config: { idempotency: true } }, kind === 'async' ? async (request, reply) => { handler(request, reply) } : handler)
+    const first = await app.inject({ method: 'POST', url: '/raw', headers: key('k'), payload: {} })
+    t.equal(first.body, 'written by hand')
+    await new Promise((resolve) => setTimeout(resolve, 10))
+    const retry = await app.inject({ method: 'POST', url: '/raw', headers: key('k'), payload: {} })
+    t.same(retry.json(), halted, 'halted, not released: the handler did its work')
+    t.ok(logs.find(40, 'idempotency record halted: the reply was hijacked'))
+    t.equal(runs, 1)
+    await app.close()
   })
-  const first = await app.inject({ method: 'POST', url: '/raw', headers: key('k'), payload: {} })
-  t.equal(first.body, 'written by hand')
-  await new Promise((resolve) => setTimeout(resolve, 10))
-  const retry = await app.inject({ method: 'POST', url: '/raw', headers: key('k'), payload: {} })
-  t.same(retry.json(), halted, 'halted, not released: the handler did its work')
-  t.ok(logs.find(40, 'idempotency record halted: the reply was hijacked'))
-  t.equal(runs, 1)
-  await app.close()
-})
+}
 

@@ -1,6 +1,7 @@
 import t from 'tap'
 import type { FastifyRequest } from 'fastify'
 import { ConflictError, MismatchError } from '../lib/index.js'
+import { storageKey } from '../lib/key.js'
 import { buildApp } from './helpers/app.js'
 import { FaultyStore } from './helpers/stores.js'
 import { deferred, key } from './helpers/timing.js'
@@ -447,5 +448,49 @@ t.test('keeps the route\'s own hooks and runs them first', async (t) => {
   }, async () => { order.push('handler'); return {} })
   t.equal((await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload: {} })).statusCode, 200)
   t.same(order, ['onRequest', 'preHandler', 'handler', 'onSend'])
+  await app.close()
+})
+
+t.test('responses with equal headers share one frozen headers object in the store; others get their own', async (t) => {
+  // Expires is left out, so that a second ticking over between the requests cannot split them.
+  const app = await buildApp({ excludeHeaders: ['expires', 'set-cookie', 'date', 'connection', 'keep-alive', 'transfer-encoding'] })
+  app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
+    return reply.header('x-kind', (request.body as { kind: string }).kind).send({ ok: true })
+  })
+  const headersOf = async (clientKey: string, kind: string) => {
+    const response = await app.inject({ method: 'POST', url: '/orders', headers: key(clientKey), payload: { kind } })
+    t.equal(response.statusCode, 200)
+    const record = await app.idempotency.store.lookup(storageKey('', 'POST', '/orders', clientKey, true))
+    return record?.response?.headers
+  }
+  const first = await headersOf('one', 'same')
+  const second = await headersOf('two', 'same')
+  const other = await headersOf('three', 'other')
+  t.same(first, { 'content-type': 'application/json; charset=utf-8', 'x-kind': 'same' })
+  t.equal(second, first, 'the same object')
+  t.ok(Object.isFrozen(first), 'frozen')
+  t.same(other, { 'content-type': 'application/json; charset=utf-8', 'x-kind': 'other' })
+  t.not(other, first)
+  const replay = await app.inject({ method: 'POST', url: '/orders', headers: key('two'), payload: { kind: 'same' } })
+  t.equal(replay.headers['x-kind'], 'same', 'a shared object replays like any other')
+  await app.close()
+})
+
+t.test('stores and replays the response of a handler that returns the reply and sends it later', async (t) => {
+  const app = await buildApp()
+  let runs = 0
+  app.post('/later', { config: { idempotency: true } }, (request, reply) => {
+    runs++
+    setTimeout(() => { reply.code(201).send({ run: runs }) }, 5)
+    return reply
+  })
+  const first = await app.inject({ method: 'POST', url: '/later', headers: key('later'), payload: {} })
+  const replay = await app.inject({ method: 'POST', url: '/later', headers: key('later'), payload: {} })
+  t.equal(first.statusCode, 201)
+  t.same(first.json(), { run: 1 })
+  t.equal(replay.statusCode, 201)
+  t.equal(replay.body, first.body)
+  t.equal(replay.headers['idempotent-replayed'], 'true')
+  t.equal(runs, 1)
   await app.close()
 })

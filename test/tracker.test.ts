@@ -16,7 +16,7 @@ t.test('track creates a record owned by the caller, then reports what later call
   const tracker = new RequestTracker(new MemoryStore(), { logger: recordingLogger(), ...options })
   const created = await tracker.track('k', 'fp', options)
   t.equal(created.status, 'created')
-  t.match(created, { owner: /^[0-9a-z]+$/ }, 'a store in this process gets a counter of this process')
+  t.match(created, { owner: /^[0-9a-f-]{36}\.[0-9a-z]+$/ })
   t.same(await tracker.track('k', 'fp', options), { status: 'processing', expiresAt: created.expiresAt })
   t.same(await tracker.track('k', 'other', options), { status: 'mismatch', expiresAt: created.expiresAt })
   const response = { statusCode: 201, headers: { 'content-type': 'text/plain' }, body: Buffer.from('done') }
@@ -114,17 +114,14 @@ t.test('answers directly when its store does, and through a promise when its sto
 })
 
 t.test('gives every tracked request its own owner token, across trackers too', async (t) => {
-  for (const [name, store, pattern] of [
-    ['a store in this process', new MemoryStore(), /^[0-9a-z]+$/],
-    ['a store outside it', new FaultyStore(), /^[0-9a-f-]{36}\.[0-9a-z]+$/]
-  ] as const) {
+  for (const [name, store] of [['a store in this process', new MemoryStore()], ['a store outside it', new FaultyStore()]] as const) {
     const first = new RequestTracker(store, { logger: recordingLogger(), ...options })
     const second = new RequestTracker(store, { logger: recordingLogger(), ...options })
     const owners = new Set<string>()
     for (let index = 0; index < 50; index++) {
       for (const tracker of [first, second]) {
         const result = await tracker.track(`k${index}-${owners.size}`, 'fp', options)
-        t.match(result, { owner: pattern }, `${name}: the owner's form`)
+        t.match(result, { owner: /^[0-9a-f-]{36}\.[0-9a-z]+$/ }, `${name}: the owner's form`)
         owners.add((result as { owner: string }).owner)
       }
     }

@@ -38,6 +38,8 @@ interface Entry {
   leaseExpiresAt: number
   /** The lease was renewed: the request ran long. */
   renewed: boolean
+  /** Eviction passed over this record (running, halted or just stored) on its current sweep. */
+  passed: boolean
   // A completed record's response, kept in the entry itself: a record is as few objects as can
   // be, since every object kept is work for the garbage collector for as long as it lives.
   statusCode: number
@@ -69,7 +71,10 @@ export class MemoryStore implements IdempotencyStore {
   #records = new Map<string, Entry>()
   // Where eviction goes on from. A Map marks deleted entries and compacts only now and then: a
   // new iterator for every eviction would step over all the entries evicted since, on every insert.
+  // A sweep starts over from the oldest record once one it passed over could go: it completed,
+  // was halted or expired (#passedUntil is the earliest expiry among those it passed).
   #evictionCursor: MapIterator<[string, Entry]> | undefined
+  #passedUntil = Infinity
   #bytes = 0
   #evictedSinceWarning = 0
   #lastWarningAt = -Infinity
@@ -105,6 +110,7 @@ export class MemoryStore implements IdempotencyStore {
       expiresAt: record.expiresAt,
       leaseExpiresAt: now + record.lease,
       renewed: false,
+      passed: false,
       statusCode: 0,
       headers: undefined,
       body: undefined,
@@ -136,6 +142,10 @@ export class MemoryStore implements IdempotencyStore {
     entry.state = update.state
     entry.expiresAt = update.expiresAt
     entry.owner = ''
+    if (entry.passed) {
+      entry.passed = false
+      this.#evictionCursor = undefined
+    }
     if (update.state === 'completed') {
       const added = responseSize(update.response)
       entry.statusCode = update.response.statusCode
@@ -185,16 +195,17 @@ export class MemoryStore implements IdempotencyStore {
     this.#bytes += size
     if (this.#bytes <= this.maxBytes) return
     let evicted = 0
-    let restarted = false
+    if (now >= this.#passedUntil) this.#evictionCursor = undefined
     while (this.#bytes > this.maxBytes) {
-      this.#evictionCursor ??= this.#records.entries()
+      if (this.#evictionCursor === undefined) {
+        this.#evictionCursor = this.#records.entries()
+        this.#passedUntil = Infinity
+      }
       const next = this.#evictionCursor.next()
       if (next.done === true) {
-        // Records passed over while still running are looked at again from the start, once.
+        // All that is left is running, halted or just stored: the next sweep starts over.
         this.#evictionCursor = undefined
-        if (restarted) break
-        restarted = true
-        continue
+        break
       }
       const [key, entry] = next.value
       if (entry.expiresAt <= now) {
@@ -202,6 +213,11 @@ export class MemoryStore implements IdempotencyStore {
       } else if (entry.state === 'completed' && entry !== keep) {
         this.#remove(key, entry)
         evicted++
+      } else {
+        // Running, halted, or the record being kept, which may go from the next sweep on.
+        entry.passed = true
+        const until = entry.state === 'completed' ? now : entry.expiresAt
+        if (until < this.#passedUntil) this.#passedUntil = until
       }
     }
     this.#evictedSinceWarning += evicted

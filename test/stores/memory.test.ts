@@ -327,7 +327,7 @@ t.test('accepts a logger whose warn is inherited, as a class instance has', asyn
   t.strictSame(warnings, [{ evicted: 1, maxBytes: 4096 }])
 })
 
-t.test('a record still running when eviction passed it is evicted once eviction comes round again', async (t) => {
+t.test('a record passed over while running takes its turn in the eviction order once it completes', async (t) => {
   const { store, clock } = clockedStore()
   await store.insert('p', { fingerprint: 'f', owner: 'owner-p', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
   for (const key of ['a', 'b', 'c', 'd']) await complete(store, clock, key)
@@ -335,31 +335,65 @@ t.test('a record still running when eviction passed it is evicted once eviction 
     'd made room by evicting a, passing over the running p')
   await store.update('p', 'owner-p', { state: 'completed', response: { statusCode: 200, headers: {}, body: Buffer.alloc(1000, 1) }, expiresAt: clock.now + HOUR })
   t.strictSame(await states(store, ['p', 'b', 'c', 'd']), { p: 'completed', b: undefined, c: 'completed', d: 'completed' },
-    'p made room by evicting b: eviction went on from where it was')
-  await complete(store, clock, 'huge', 3000)
-  t.strictSame(await states(store, ['p', 'c', 'd', 'huge']), { p: undefined, c: undefined, d: undefined, huge: 'completed' },
-    'having evicted all after p, eviction started over from the oldest and found p')
+    'p, the record just stored, made room by evicting b')
+  await complete(store, clock, 'e')
+  t.strictSame(await states(store, ['p', 'c', 'd', 'e']), { p: undefined, c: 'completed', d: 'completed', e: 'completed' },
+    'e made room by evicting p, the oldest, before c')
+  t.ok(store.size <= store.maxBytes)
+})
+
+t.test('a record passed over while running, that has since expired, goes before any live one', async (t) => {
+  const { store, clock } = clockedStore()
+  await store.insert('p', { fingerprint: 'f', owner: 'owner-p', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
+  for (const key of ['a', 'b', 'c', 'd']) await complete(store, clock, key, 900)
+  t.equal((await store.lookup('a')), undefined, 'd evicted a, passing over the running p')
+  await store.update('p', 'owner-p', { state: 'completed', response: { statusCode: 200, headers: {}, body: Buffer.alloc(600, 1) }, expiresAt: clock.now + 1000 })
+  clock.now += 5000
+  await complete(store, clock, 'e', 100)
+  t.strictSame(await states(store, ['p', 'b', 'c', 'd', 'e']), { p: undefined, b: 'completed', c: 'completed', d: 'completed', e: 'completed' },
+    'e made room by removing the expired p, not by evicting b')
+})
+
+t.test('a running record passed over that expires without an update goes before any live one', async (t) => {
+  const { store, clock } = clockedStore()
+  // A large fingerprint makes the running record large enough that removing it alone makes room.
+  await store.insert('stale', { fingerprint: 'f'.repeat(1000), owner: 'owner-stale', expiresAt: clock.now + 1000, lease: HOUR, takeOverExpiredLease: false })
+  for (const key of ['a', 'b', 'c', 'd']) await complete(store, clock, key, 900)
+  t.strictSame(await states(store, ['stale', 'a', 'b', 'c', 'd']), { stale: 'processing', a: undefined, b: undefined, c: 'completed', d: 'completed' },
+    'c and d evicted a and b, passing over the running stale record')
+  clock.now += 5000
+  await complete(store, clock, 'e', 900)
+  t.strictSame(await states(store, ['c', 'd', 'e']), { c: 'completed', d: 'completed', e: 'completed' },
+    'e made room by removing the expired stale record, not by evicting c')
   t.ok(store.size <= store.maxBytes)
 })
 
 t.test('inserts into a full store as fast as into one with room: eviction never steps over what it evicted', async (t) => {
   const response = { statusCode: 201, headers: { 'content-type': 'application/json' }, body: '{"id":"ord_1","status":"created"}' }
-  const perInsert = (store: MemoryStore, count: number): number => {
-    const started = process.hrtime.bigint()
-    for (let index = 0; index < count; index++) {
-      const key = `key-${index}`
-      store.insert(key, { fingerprint: 'f', owner: 'o', expiresAt: Date.now() + HOUR, lease: HOUR, takeOverExpiredLease: false })
-      store.update(key, 'o', { state: 'completed', response, expiresAt: Date.now() + HOUR })
-    }
-    return Number(process.hrtime.bigint() - started) / count
+  let next = 0
+  const insert = (store: MemoryStore): void => {
+    const key = `key-${next++}`
+    store.insert(key, { fingerprint: 'f', owner: 'o', expiresAt: Date.now() + HOUR, lease: HOUR, takeOverExpiredLease: false })
+    store.update(key, 'o', { state: 'completed', response, expiresAt: Date.now() + HOUR })
   }
-  // 8 MiB hold about 35 000 of these records: 100 000 inserts evict about 65 000. Stepping over
-  // the entries evicted since the Map last compacted made each of those inserts cost tens of µs.
+  // The fastest of several batches: a pause of the machine or the collector slows one batch, not all.
+  const fastest = (store: MemoryStore): number => {
+    let best = Infinity
+    for (let batch = 0; batch < 8; batch++) {
+      const started = process.hrtime.bigint()
+      for (let index = 0; index < 10_000; index++) insert(store)
+      best = Math.min(best, Number(process.hrtime.bigint() - started) / 10_000)
+    }
+    return best
+  }
+  // 8 MiB hold about 35 000 of these records. Stepping over the entries evicted since the Map
+  // last compacted (up to about 30 000 of them) made each insert into the full store cost
+  // several µs, about ten times one into a store with room.
   const full = new MemoryStore({ maxBytes: 8 * 1024 * 1024 })
+  for (let index = 0; index < 40_000; index++) insert(full)
   const roomy = new MemoryStore({ maxBytes: 1024 * 1024 * 1024 })
-  perInsert(new MemoryStore(), 20_000)
-  const withRoom = perInsert(roomy, 100_000)
-  const whenFull = perInsert(full, 100_000)
+  const withRoom = fastest(roomy)
+  const whenFull = fastest(full)
   t.ok(full.size <= full.maxBytes, 'the full store stayed within maxBytes')
   t.ok(whenFull < withRoom * 3, `an insert that evicts takes ${whenFull.toFixed(0)} ns, one with room ${withRoom.toFixed(0)} ns`)
 })
