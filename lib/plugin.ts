@@ -411,7 +411,7 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     let same = true
     for (const name in all) {
       const value = all[name]
-      if (value === undefined || excludedHeaders.has(name) || (before !== undefined && before[name] === value)) continue
+      if (!isStored(name, value, before)) continue
       count++
       if (same && lastHeaders[name] !== value) same = false
     }
@@ -419,13 +419,17 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
       const headers: StoredResponse['headers'] = {}
       for (const name in all) {
         const value = all[name]
-        if (value !== undefined && !excludedHeaders.has(name) && (before === undefined || before[name] !== value)) headers[name] = value
+        if (isStored(name, value, before)) headers[name] = value as StoredResponse['headers'][string]
       }
       // Frozen: records share it, and a store in this process hands it out from lookup().
       lastHeaders = Object.freeze(headers)
       lastHeaderCount = count
     }
     return { statusCode: reply.statusCode, headers: lastHeaders, body }
+  }
+
+  function isStored (name: string, value: unknown, before: OwnedRecord['headersBefore']): boolean {
+    return value !== undefined && !excludedHeaders.has(name) && (before === undefined || before[name] !== value)
   }
 
   function saveCompleted (request: FastifyRequest, owned: OwnedRecord, stored: StoredResponse, expiresAt: number): Awaitable<void> {
