@@ -56,9 +56,18 @@ export function countHeaderLines (rawHeaders: readonly string[], name: string): 
  * this process (`inProcess`) gets the text itself, which spares a hash on every request.
  */
 export function storageKey (scope: string, method: string, path: string, key: string, inProcess = false): string {
+  return prefixedStorageKey(storageKeyPrefix(scope, method, path), key, inProcess)
+}
+
+/** What a storage key holds before the client's key; the same for every request of a route. */
+export function storageKeyPrefix (scope: string, method: string, path: string): string {
   // The scope is length-prefixed because it is the one part that may contain any character.
-  // join() makes one flat string, where `+` would make a chain of pieces for a store to keep.
-  const text = [`${scope.length}:${scope}`, method, path, key].join('\n')
+  return `${scope.length}:${scope}\n${method}\n${path}\n`
+}
+
+/** `storageKey` from a prefix that `storageKeyPrefix` made. */
+export function prefixedStorageKey (prefix: string, key: string, inProcess: boolean): string {
+  const text = prefix + key
   return inProcess ? text : hash('sha256', text, 'base64url')
 }
 

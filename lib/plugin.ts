@@ -20,7 +20,7 @@ import {
   isIdempotencyError
 } from './errors.js'
 import { andThen, isPromiseLike } from './awaitable.js'
-import { countHeaderLines, parseKey, requestFingerprint, storageKey, valueFingerprint } from './key.js'
+import { countHeaderLines, parseKey, prefixedStorageKey, requestFingerprint, storageKeyPrefix, valueFingerprint } from './key.js'
 import {
   validatePluginOptions,
   validateRouteOptions,
@@ -59,6 +59,9 @@ interface RouteSettings {
   fingerprint: FingerprintFunction | undefined
   maxResponseSize: number
   track: TrackOptions
+  /** The storage key prefix of the last method seen without a scope or parameters, and that method. */
+  keyPrefix: string
+  keyPrefixMethod: string
 }
 
 /** A request that owns its record: it runs the handler and must settle the record. */
@@ -152,7 +155,9 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
         cacheTtl: overrides.cacheTtl ?? settings.cacheTtl,
         processingTtl: overrides.processingTtl ?? settings.processingTtl,
         releaseOnError: overrides.releaseOnError ?? settings.releaseOnError
-      }
+      },
+      keyPrefix: '',
+      keyPrefixMethod: ''
     }, methods.length === routeMethods.length ? undefined : new Set(methods))
   })
 
@@ -343,8 +348,20 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     // The route's pattern and its parameters, not the raw URL: `/orders/a/`, `/ORDERS/a` or
     // `/orders/%61` reach the same route with the same parameters, so they are the same request.
     const params = request.params as Record<string, string> | undefined
-    const target = params === undefined || isEmpty(params) ? route.url : `${route.url}\n${JSON.stringify(params)}`
-    const key = storageKey(scope, request.method, target, clientKey, inProcess)
+    const method = request.method
+    let prefix: string
+    if (params !== undefined && !isEmpty(params)) {
+      prefix = storageKeyPrefix(scope, method, `${route.url}\n${JSON.stringify(params)}`)
+    } else if (scope !== '') {
+      prefix = storageKeyPrefix(scope, method, route.url)
+    } else {
+      if (route.keyPrefixMethod !== method) {
+        route.keyPrefix = storageKeyPrefix('', method, route.url)
+        route.keyPrefixMethod = method
+      }
+      prefix = route.keyPrefix
+    }
+    const key = prefixedStorageKey(prefix, clientKey, inProcess)
     if (route.fingerprint === undefined) {
       return trackFingerprinted(request, reply, key, requestFingerprint(request.query, request.body, inProcess), route)
     }
@@ -460,7 +477,7 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
       else request.log.warn('idempotency record was taken over before it was settled')
     }
     const failed = (error: unknown): void => {
-      tracker.forget(owned.owner)
+      tracker.forget(owned.key, owned.owner)
       request.log.error({ err: error }, `idempotency store failed while settling a request (${reason})`)
     }
     let done: Awaitable<boolean>

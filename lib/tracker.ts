@@ -40,7 +40,7 @@ const OWNER_PREFIX = `${randomUUID()}.`
 let owners = 0
 
 interface Lease {
-  key: string
+  owner: string
   lease: number
   renewAt: number
 }
@@ -67,6 +67,8 @@ export class RequestTracker {
   /** The options `track` uses when given none: the plugin's. */
   readonly defaults: Readonly<TrackOptions>
   #logger: TrackerLogger
+  // By record key, whose hash the store already had V8 compute: an owner token is a fresh string
+  // that would be hashed again. In this process, one request at a time owns a key.
   #leases = new Map<string, Lease>()
   #renewTimer: NodeJS.Timeout | undefined
   #renewEvery = Infinity
@@ -117,25 +119,25 @@ export class RequestTracker {
     response: StoredResponse,
     expiresAt = Date.now() + this.defaults.cacheTtl
   ): Awaitable<boolean> {
-    this.#leases.delete(owner)
+    this.#unwatch(key, owner)
     return this.store.update(key, owner, { state: 'completed', response, expiresAt })
   }
 
   /** Marks an owned request halted: its outcome is unknown, and retries are told so. */
   halt (key: string, owner: string, expiresAt = Date.now() + this.defaults.cacheTtl): Awaitable<boolean> {
-    this.#leases.delete(owner)
+    this.#unwatch(key, owner)
     return this.store.update(key, owner, { state: 'halted', expiresAt })
   }
 
   /** Deletes an owned request's record, so that a retry runs the handler again. */
   release (key: string, owner: string): Awaitable<boolean> {
-    this.#leases.delete(owner)
+    this.#unwatch(key, owner)
     return this.store.delete(key, owner)
   }
 
   /** Stops renewing an owned request's lease, e.g. when saving its response failed. */
-  forget (owner: string): void {
-    this.#leases.delete(owner)
+  forget (key: string, owner: string): void {
+    this.#unwatch(key, owner)
   }
 
   /** Removes expired records from the store. */
@@ -154,13 +156,17 @@ export class RequestTracker {
     // One timer for all in-flight requests instead of one per request. A lease is renewed
     // after a third of it has passed; the timer ticks every sixth of the shortest lease seen,
     // so a renewal is sent at the latest half-way through the lease.
-    this.#leases.set(owner, { key, lease, renewAt: now + lease / 3 })
+    this.#leases.set(key, { owner, lease, renewAt: now + lease / 3 })
     const every = Math.max(1, Math.floor(lease / 6))
     if (every < this.#renewEvery || this.#renewTimer === undefined) {
       this.#renewEvery = Math.min(every, this.#renewEvery)
       clearInterval(this.#renewTimer)
       this.#renewTimer = setInterval(() => { this.#renew() }, this.#renewEvery).unref()
     }
+  }
+
+  #unwatch (key: string, owner: string): void {
+    if (this.#leases.get(key)?.owner === owner) this.#leases.delete(key)
   }
 
   #renew (): void {
@@ -172,17 +178,18 @@ export class RequestTracker {
       return
     }
     const now = Date.now()
-    for (const [owner, entry] of this.#leases) {
+    for (const [key, entry] of this.#leases) {
       if (entry.renewAt > now) continue
       entry.renewAt = now + entry.lease / 3
       // Through a promise, so that a store that throws instead of rejecting cannot throw from a timer.
-      Promise.resolve().then(() => this.store.update(entry.key, owner, { state: 'processing', lease: entry.lease })).then((renewed) => {
-        if (!renewed && this.#leases.delete(owner)) {
-          this.#logger.warn({ key: entry.key }, 'idempotency lease lost: the record was taken over or expired')
+      Promise.resolve().then(() => this.store.update(key, entry.owner, { state: 'processing', lease: entry.lease })).then((renewed) => {
+        if (!renewed && this.#leases.get(key) === entry) {
+          this.#leases.delete(key)
+          this.#logger.warn({ key }, 'idempotency lease lost: the record was taken over or expired')
         }
       }, (error: unknown) => {
         entry.renewAt = 0
-        this.#logger.warn({ err: error, key: entry.key }, 'idempotency lease renewal failed; retrying')
+        this.#logger.warn({ err: error, key }, 'idempotency lease renewal failed; retrying')
       })
     }
   }

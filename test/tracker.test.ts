@@ -81,6 +81,24 @@ t.test('stops renewing and warns when the lease was lost to another owner', asyn
   tracker.close()
 })
 
+t.test('keeps renewing the lease of a request that took a key over, whatever the request it took it from does', async (t) => {
+  const store = new FaultyStore()
+  const tracker = new RequestTracker(store, { logger: recordingLogger(), ...options })
+  const takeOver = { ...options, releaseOnError: true }
+  const first = await tracker.track('k', 'fp', takeOver) as { owner: string, expiresAt: number }
+  // the first request's renewals fail until its lease has expired: a second request takes the key over
+  store.failing.add('update')
+  await sleep(50)
+  store.failing.clear()
+  const second = await tracker.track('k', 'fp', takeOver)
+  t.equal(second.status, 'created', 'the second request took the key over')
+  const response = { statusCode: 200, headers: {}, body: Buffer.from('late') }
+  t.equal(await tracker.putResponse('k', first.owner, response, first.expiresAt), false, 'the first request can no longer save')
+  await sleep(80)
+  t.equal((await tracker.track('k', 'fp', options)).status, 'processing', "the second request's lease is still renewed")
+  tracker.close()
+})
+
 t.test('uses its default options when track, putResponse and halt are given none', async (t) => {
   const tracker = new RequestTracker(new MemoryStore(), { logger: recordingLogger(), cacheTtl: 5_000, processingTtl: 1_000, releaseOnError: false })
   const before = Date.now()

@@ -30,6 +30,8 @@ export interface MemoryStoreOptions {
   logger?: WarningLogger
 }
 
+// Times in an entry are ms since the store's epoch, its creation: small integers, which V8 keeps in
+// the entry itself, where ms since 1970 would each be a number object of their own.
 interface Entry {
   state: RecordState
   fingerprint: string
@@ -65,7 +67,8 @@ const EVICTION_WARNING_INTERVAL = 60_000
 export class MemoryStore implements IdempotencyStore {
   readonly inProcess = true
   readonly maxBytes: number
-  #now: () => number
+  #clock: () => number
+  #epoch: number
   #logger: WarningLogger | undefined
   // Map order is the eviction order: a request's start, or its end for one that ran long.
   #records = new Map<string, Entry>()
@@ -82,7 +85,8 @@ export class MemoryStore implements IdempotencyStore {
   constructor (options: MemoryStoreOptions = {}) {
     const settings = validateOptions(options)
     this.maxBytes = settings.maxBytes
-    this.#now = settings.now ?? Date.now
+    this.#clock = settings.now ?? Date.now
+    this.#epoch = this.#clock()
     this.#logger = settings.logger
   }
 
@@ -98,7 +102,7 @@ export class MemoryStore implements IdempotencyStore {
       if (existing.expiresAt > now) {
         const leaseExpired = existing.state === 'processing' && existing.leaseExpiresAt <= now
         const takeOver = leaseExpired && record.takeOverExpiredLease && existing.fingerprint === record.fingerprint
-        if (!takeOver) return { inserted: false, record: toRecord(existing, leaseExpired) }
+        if (!takeOver) return { inserted: false, record: this.#toRecord(existing, leaseExpired) }
       }
       this.#remove(key, existing)
     }
@@ -107,7 +111,7 @@ export class MemoryStore implements IdempotencyStore {
       state: 'processing',
       fingerprint: record.fingerprint,
       owner: record.owner,
-      expiresAt: record.expiresAt,
+      expiresAt: record.expiresAt - this.#epoch,
       leaseExpiresAt: now + record.lease,
       renewed: false,
       passed: false,
@@ -124,7 +128,7 @@ export class MemoryStore implements IdempotencyStore {
     const now = this.#now()
     const entry = this.#records.get(key)
     if (entry === undefined || entry.expiresAt <= now) return undefined
-    return toRecord(entry, entry.state === 'processing' && entry.leaseExpiresAt <= now)
+    return this.#toRecord(entry, entry.state === 'processing' && entry.leaseExpiresAt <= now)
   }
 
   update (key: string, owner: string, update: RecordUpdate): boolean {
@@ -140,7 +144,7 @@ export class MemoryStore implements IdempotencyStore {
       return true
     }
     entry.state = update.state
-    entry.expiresAt = update.expiresAt
+    entry.expiresAt = update.expiresAt - this.#epoch
     entry.owner = ''
     if (entry.passed) {
       entry.passed = false
@@ -182,6 +186,23 @@ export class MemoryStore implements IdempotencyStore {
       }
     }
     return removed
+  }
+
+  /** The store's time: ms since its epoch. */
+  #now (): number {
+    return this.#clock() - this.#epoch
+  }
+
+  #toRecord (entry: Entry, leaseExpired: boolean): IdempotencyRecord {
+    return {
+      state: entry.state,
+      fingerprint: entry.fingerprint,
+      expiresAt: entry.expiresAt + this.#epoch,
+      leaseExpired,
+      response: entry.state === 'completed'
+        ? { statusCode: entry.statusCode, headers: entry.headers as StoredResponse['headers'], body: entry.body as StoredResponse['body'] }
+        : undefined
+    }
   }
 
   #remove (key: string, entry: Entry): void {
@@ -229,18 +250,6 @@ export class MemoryStore implements IdempotencyStore {
       this.#lastWarningAt = now
       this.#evictedSinceWarning = 0
     }
-  }
-}
-
-function toRecord (entry: Entry, leaseExpired: boolean): IdempotencyRecord {
-  return {
-    state: entry.state,
-    fingerprint: entry.fingerprint,
-    expiresAt: entry.expiresAt,
-    leaseExpired,
-    response: entry.state === 'completed'
-      ? { statusCode: entry.statusCode, headers: entry.headers as StoredResponse['headers'], body: entry.body as StoredResponse['body'] }
-      : undefined
   }
 }
 
