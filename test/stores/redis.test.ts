@@ -156,6 +156,23 @@ if (requireRedis(t)) {
     t.equal((await store.lookup('k0'))?.response?.body.toString(), 'zero')
   })
 
+  t.test('each record keeps its own headers when header sets are reused or change between records', async (t) => {
+    const client = new Redis({ host: '127.0.0.1', port: server.port })
+    t.teardown(() => client.disconnect())
+    const store = new RedisStore({ client, prefix: 'headers:' })
+    const shared = Object.freeze({ 'content-type': 'application/json', location: '/orders/1' })
+    const sets: Array<Record<string, string>> = [shared, shared, { 'content-type': 'text/plain' }, shared, Object.freeze({ 'x-other': 'yes' }), {}]
+    for (const [index, headers] of sets.entries()) {
+      t.ok(await store.insert(`h${index}`, record(`o${index}`)))
+      t.equal(await store.update(`h${index}`, `o${index}`, { state: 'completed', response: { statusCode: 200, headers, body: `b${index}` }, expiresAt: Date.now() + 60_000 }), true)
+    }
+    for (const index of [0, 1, 2, 2, 3, 4, 5, 0]) {
+      const found = await store.lookup(`h${index}`)
+      t.same(found?.response?.headers, sets[index], `record ${index}`)
+      t.ok(Object.isFrozen(found?.response?.headers), 'handed out frozen, as it may be shared')
+    }
+  })
+
   t.test('a turn with many operations or large bodies sends several calls', async (t) => {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => client.disconnect())
