@@ -155,7 +155,8 @@ export class RedisStore implements IdempotencyStore {
   // The responses of a route mostly carry the same headers, which the plugin hands over as one
   // object: the last set is kept with its JSON text, so that it is neither written nor parsed again.
   #headers: StoredResponse['headers'] | undefined
-  #headersText: Buffer = Buffer.from('{}')
+  #headersText = '{}'
+  #headersBytes = Buffer.from('{}')
 
   constructor (options: RedisStoreOptions) {
     const settings = validateOptions(options)
@@ -206,13 +207,16 @@ export class RedisStore implements IdempotencyStore {
     return 0
   }
 
-  #headersToText (headers: StoredResponse['headers']): Buffer | string {
+  // A string, as the other arguments mostly are: one Buffer among them makes ioredis copy the
+  // whole command into a new Buffer.
+  #headersToText (headers: StoredResponse['headers']): string {
     if (headers === this.#headers) return this.#headersText
     const text = JSON.stringify(headers)
     if (Object.isFrozen(headers)) {
       // Only a frozen set is sure to be the same when it comes again.
       this.#headers = headers
-      this.#headersText = Buffer.from(text)
+      this.#headersText = text
+      this.#headersBytes = Buffer.from(text)
     }
     return text
   }
@@ -222,10 +226,11 @@ export class RedisStore implements IdempotencyStore {
     let headers: StoredResponse['headers'] | undefined
     if (state === 'completed') {
       const text = reply[5] as Buffer
-      if (this.#headers === undefined || !text.equals(this.#headersText)) {
-        this.#headers = Object.freeze(JSON.parse(text.toString()) as StoredResponse['headers'])
+      if (this.#headers === undefined || !text.equals(this.#headersBytes)) {
+        this.#headersText = text.toString()
+        this.#headers = Object.freeze(JSON.parse(this.#headersText) as StoredResponse['headers'])
         // A copy: the reply's bytes may share memory with the rest of the reply.
-        this.#headersText = Buffer.from(text)
+        this.#headersBytes = Buffer.from(text)
       }
       headers = this.#headers
     }
