@@ -30,8 +30,6 @@ export interface MemoryStoreOptions {
   logger?: WarningLogger
 }
 
-// Times in an entry are ms since the store's epoch, its creation: small integers, which V8 keeps in
-// the entry itself, where ms since 1970 would each be a number object of their own.
 interface Entry {
   state: RecordState
   fingerprint: string
@@ -67,8 +65,7 @@ const EVICTION_WARNING_INTERVAL = 60_000
 export class MemoryStore implements IdempotencyStore {
   readonly inProcess = true
   readonly maxBytes: number
-  #clock: () => number
-  #epoch: number
+  #now: () => number
   #logger: WarningLogger | undefined
   // Map order is the eviction order: a request's start, or its end for one that ran long.
   #records = new Map<string, Entry>()
@@ -85,8 +82,7 @@ export class MemoryStore implements IdempotencyStore {
   constructor (options: MemoryStoreOptions = {}) {
     const settings = validateOptions(options)
     this.maxBytes = settings.maxBytes
-    this.#clock = settings.now ?? Date.now
-    this.#epoch = this.#clock()
+    this.#now = settings.now ?? Date.now
     this.#logger = settings.logger
   }
 
@@ -102,7 +98,7 @@ export class MemoryStore implements IdempotencyStore {
       if (existing.expiresAt > now) {
         const leaseExpired = existing.state === 'processing' && existing.leaseExpiresAt <= now
         const takeOver = leaseExpired && record.takeOverExpiredLease && existing.fingerprint === record.fingerprint
-        if (!takeOver) return { inserted: false, record: this.#toRecord(existing, leaseExpired) }
+        if (!takeOver) return { inserted: false, record: toRecord(existing, leaseExpired) }
       }
       this.#remove(key, existing)
     }
@@ -111,7 +107,7 @@ export class MemoryStore implements IdempotencyStore {
       state: 'processing',
       fingerprint: record.fingerprint,
       owner: record.owner,
-      expiresAt: record.expiresAt - this.#epoch,
+      expiresAt: record.expiresAt,
       leaseExpiresAt: now + record.lease,
       renewed: false,
       passed: false,
@@ -128,7 +124,7 @@ export class MemoryStore implements IdempotencyStore {
     const now = this.#now()
     const entry = this.#records.get(key)
     if (entry === undefined || entry.expiresAt <= now) return undefined
-    return this.#toRecord(entry, entry.state === 'processing' && entry.leaseExpiresAt <= now)
+    return toRecord(entry, entry.state === 'processing' && entry.leaseExpiresAt <= now)
   }
 
   update (key: string, owner: string, update: RecordUpdate): boolean {
@@ -144,7 +140,7 @@ export class MemoryStore implements IdempotencyStore {
       return true
     }
     entry.state = update.state
-    entry.expiresAt = update.expiresAt - this.#epoch
+    entry.expiresAt = update.expiresAt
     entry.owner = ''
     if (entry.passed) {
       entry.passed = false
@@ -186,23 +182,6 @@ export class MemoryStore implements IdempotencyStore {
       }
     }
     return removed
-  }
-
-  /** The store's time: ms since its epoch. */
-  #now (): number {
-    return this.#clock() - this.#epoch
-  }
-
-  #toRecord (entry: Entry, leaseExpired: boolean): IdempotencyRecord {
-    return {
-      state: entry.state,
-      fingerprint: entry.fingerprint,
-      expiresAt: entry.expiresAt + this.#epoch,
-      leaseExpired,
-      response: entry.state === 'completed'
-        ? { statusCode: entry.statusCode, headers: entry.headers as StoredResponse['headers'], body: entry.body as StoredResponse['body'] }
-        : undefined
-    }
   }
 
   #remove (key: string, entry: Entry): void {
@@ -250,6 +229,18 @@ export class MemoryStore implements IdempotencyStore {
       this.#lastWarningAt = now
       this.#evictedSinceWarning = 0
     }
+  }
+}
+
+function toRecord (entry: Entry, leaseExpired: boolean): IdempotencyRecord {
+  return {
+    state: entry.state,
+    fingerprint: entry.fingerprint,
+    expiresAt: entry.expiresAt,
+    leaseExpired,
+    response: entry.state === 'completed'
+      ? { statusCode: entry.statusCode, headers: entry.headers as StoredResponse['headers'], body: entry.body as StoredResponse['body'] }
+      : undefined
   }
 }
 
