@@ -38,8 +38,8 @@ interface Entry {
   leaseExpiresAt: number
   /** The lease was renewed: the request ran long. */
   renewed: boolean
-  /** Eviction passed over this record (running, halted or just stored) on its current sweep. */
-  passed: boolean
+  /** Eviction found it running or halted and set it aside in #held, out of the eviction order. */
+  held: boolean
   // A completed record's response, kept in the entry itself: a record is as few objects as can
   // be, since every object kept is work for the garbage collector for as long as it lives.
   statusCode: number
@@ -52,6 +52,8 @@ const validateOptions = compileOptions(MemoryStoreOptionsSchema, { subject: 'Mem
 const ENTRY_OVERHEAD = 160
 const INSERTED: InsertResult = Object.freeze({ inserted: true })
 const EVICTION_WARNING_INTERVAL = 60_000
+// Records set aside by eviction are looked over for expired ones at most this often.
+const HELD_SWEEP_INTERVAL = 1000
 
 /**
  * Keeps records in this process: for one instance, tests and development. It answers at once,
@@ -67,14 +69,18 @@ export class MemoryStore implements IdempotencyStore {
   readonly maxBytes: number
   #now: () => number
   #logger: WarningLogger | undefined
-  // Map order is the eviction order: a request's start, or its end for one that ran long.
+  // Map order is the eviction order: a request's start, or its end for one that ran long or that
+  // eviction set aside while it ran.
   #records = new Map<string, Entry>()
+  // Running and halted records that eviction met: kept out of its way, so that no sweep steps
+  // over them again (a store full of halted records would otherwise cost a whole sweep per
+  // insert). A record leaves when it completes (to the back of #records), expires or goes.
+  #held = new Map<string, Entry>()
+  // When #held may hold an expired record: its earliest expiry, at most once a HELD_SWEEP_INTERVAL.
+  #heldSweepAt = Infinity
   // Where eviction goes on from. A Map marks deleted entries and compacts only now and then: a
   // new iterator for every eviction would step over all the entries evicted since, on every insert.
-  // A sweep starts over from the oldest record once one it passed over could go: it completed,
-  // was halted or expired (#passedUntil is the earliest expiry among those it passed).
   #evictionCursor: MapIterator<[string, Entry]> | undefined
-  #passedUntil = Infinity
   #bytes = 0
   #evictedSinceWarning = 0
   #lastWarningAt = -Infinity
@@ -93,7 +99,7 @@ export class MemoryStore implements IdempotencyStore {
 
   insert (key: string, record: NewRecord): InsertResult {
     const now = this.#now()
-    const existing = this.#records.get(key)
+    const existing = this.#find(key)
     if (existing !== undefined) {
       if (existing.expiresAt > now) {
         const leaseExpired = existing.state === 'processing' && existing.leaseExpiresAt <= now
@@ -110,7 +116,7 @@ export class MemoryStore implements IdempotencyStore {
       expiresAt: record.expiresAt,
       leaseExpiresAt: now + record.lease,
       renewed: false,
-      passed: false,
+      held: false,
       statusCode: 0,
       headers: undefined,
       body: undefined,
@@ -122,14 +128,14 @@ export class MemoryStore implements IdempotencyStore {
 
   lookup (key: string): IdempotencyRecord | undefined {
     const now = this.#now()
-    const entry = this.#records.get(key)
+    const entry = this.#find(key)
     if (entry === undefined || entry.expiresAt <= now) return undefined
     return toRecord(entry, entry.state === 'processing' && entry.leaseExpiresAt <= now)
   }
 
   update (key: string, owner: string, update: RecordUpdate): boolean {
     const now = this.#now()
-    const entry = this.#records.get(key)
+    const entry = this.#find(key)
     if (entry === undefined || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= now) {
       return false
     }
@@ -142,10 +148,7 @@ export class MemoryStore implements IdempotencyStore {
     entry.state = update.state
     entry.expiresAt = update.expiresAt
     entry.owner = ''
-    if (entry.passed) {
-      entry.passed = false
-      this.#evictionCursor = undefined
-    }
+    if (entry.held && update.state === 'halted') this.#heldUntil(update.expiresAt, now)
     if (update.state === 'completed') {
       const added = responseSize(update.response)
       entry.statusCode = update.response.statusCode
@@ -153,8 +156,12 @@ export class MemoryStore implements IdempotencyStore {
       entry.body = update.response.body
       entry.size += added
       // A request that ran long enough to renew its lease is the one whose client most likely
-      // timed out and will retry: it moves to the back. Others keep their place.
-      if (entry.renewed) {
+      // timed out and will retry: it moves to the back, as one set aside does. Others keep their place.
+      if (entry.held) {
+        entry.held = false
+        this.#held.delete(key)
+        this.#records.set(key, entry)
+      } else if (entry.renewed) {
         this.#records.delete(key)
         this.#records.set(key, entry)
       }
@@ -164,7 +171,7 @@ export class MemoryStore implements IdempotencyStore {
   }
 
   delete (key: string, owner: string): boolean {
-    const entry = this.#records.get(key)
+    const entry = this.#find(key)
     if (entry === undefined || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= this.#now()) {
       return false
     }
@@ -181,12 +188,45 @@ export class MemoryStore implements IdempotencyStore {
         removed++
       }
     }
-    return removed
+    return removed + this.#sweepHeld(now)
+  }
+
+  // Most stores never set a record aside: a lookup then costs one Map lookup.
+  #find (key: string): Entry | undefined {
+    const entry = this.#records.get(key)
+    return entry !== undefined || this.#held.size === 0 ? entry : this.#held.get(key)
   }
 
   #remove (key: string, entry: Entry): void {
-    this.#records.delete(key)
+    if (entry.held) this.#held.delete(key)
+    else this.#records.delete(key)
     this.#bytes -= entry.size
+  }
+
+  #hold (key: string, entry: Entry, now: number): void {
+    this.#records.delete(key)
+    entry.held = true
+    this.#held.set(key, entry)
+    this.#heldUntil(entry.expiresAt, now)
+  }
+
+  #heldUntil (expiresAt: number, now: number): void {
+    this.#heldSweepAt = Math.min(this.#heldSweepAt, Math.max(expiresAt, now + HELD_SWEEP_INTERVAL))
+  }
+
+  #sweepHeld (now: number): number {
+    let removed = 0
+    let earliest = Infinity
+    for (const [key, entry] of this.#held) {
+      if (entry.expiresAt <= now) {
+        this.#remove(key, entry)
+        removed++
+      } else if (entry.expiresAt < earliest) {
+        earliest = entry.expiresAt
+      }
+    }
+    this.#heldSweepAt = earliest === Infinity ? Infinity : Math.max(earliest, now + HELD_SWEEP_INTERVAL)
+    return removed
   }
 
   // `keep` is the record that just grew: it is never evicted, even when it alone is larger than
@@ -195,30 +235,26 @@ export class MemoryStore implements IdempotencyStore {
     this.#bytes += size
     if (this.#bytes <= this.maxBytes) return
     let evicted = 0
-    if (now >= this.#passedUntil) this.#evictionCursor = undefined
+    // Expired records go before live ones.
+    if (now >= this.#heldSweepAt) this.#sweepHeld(now)
     while (this.#bytes > this.maxBytes) {
-      if (this.#evictionCursor === undefined) {
-        this.#evictionCursor = this.#records.entries()
-        this.#passedUntil = Infinity
-      }
+      this.#evictionCursor ??= this.#records.entries()
       const next = this.#evictionCursor.next()
       if (next.done === true) {
-        // All that is left is running, halted or just stored: the next sweep starts over.
+        // All that is left is set aside or just stored: the next sweep starts over.
         this.#evictionCursor = undefined
         break
       }
       const [key, entry] = next.value
       if (entry.expiresAt <= now) {
         this.#remove(key, entry)
-      } else if (entry.state === 'completed' && entry !== keep) {
+      } else if (entry.state !== 'completed') {
+        this.#hold(key, entry, now)
+      } else if (entry !== keep) {
         this.#remove(key, entry)
         evicted++
-      } else {
-        // Running, halted, or the record being kept, which may go from the next sweep on.
-        entry.passed = true
-        const until = entry.state === 'completed' ? now : entry.expiresAt
-        if (until < this.#passedUntil) this.#passedUntil = until
       }
+      // The record being kept stays where it is: the next sweep may evict it.
     }
     this.#evictedSinceWarning += evicted
     if (this.#logger !== undefined && this.#evictedSinceWarning > 0 && now - this.#lastWarningAt >= EVICTION_WARNING_INTERVAL) {
