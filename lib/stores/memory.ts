@@ -76,7 +76,8 @@ export class MemoryStore implements IdempotencyStore {
   // over them again (a store full of halted records would otherwise cost a whole sweep per
   // insert). A record leaves when it completes (to the back of #records), expires or goes.
   #held = new Map<string, Entry>()
-  // When #held may hold an expired record: its earliest expiry, at most once a HELD_SWEEP_INTERVAL.
+  // When #held may hold an expired record: its earliest expiry, but at most once a
+  // HELD_SWEEP_INTERVAL, since a sweep of #held costs one step per record in it.
   #heldSweepAt = Infinity
   // Where eviction goes on from. A Map marks deleted entries and compacts only now and then: a
   // new iterator for every eviction would step over all the entries evicted since, on every insert.
@@ -235,7 +236,7 @@ export class MemoryStore implements IdempotencyStore {
     this.#bytes += size
     if (this.#bytes <= this.maxBytes) return
     let evicted = 0
-    // Expired records go before live ones.
+    let keptOnTheWay = false
     if (now >= this.#heldSweepAt) this.#sweepHeld(now)
     while (this.#bytes > this.maxBytes) {
       this.#evictionCursor ??= this.#records.entries()
@@ -253,9 +254,12 @@ export class MemoryStore implements IdempotencyStore {
       } else if (entry !== keep) {
         this.#remove(key, entry)
         evicted++
+      } else {
+        keptOnTheWay = true
       }
-      // The record being kept stays where it is: the next sweep may evict it.
     }
+    // The record just kept is the oldest left: the next sweep starts over, and with it.
+    if (keptOnTheWay) this.#evictionCursor = undefined
     this.#evictedSinceWarning += evicted
     if (this.#logger !== undefined && this.#evictedSinceWarning > 0 && now - this.#lastWarningAt >= EVICTION_WARNING_INTERVAL) {
       this.#logger.warn(

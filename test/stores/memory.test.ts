@@ -342,6 +342,20 @@ t.test('a record set aside while running goes to the back of the eviction order 
   t.ok(store.size <= store.maxBytes)
 })
 
+t.test('a record kept while it made room for itself is the first to go after', async (t) => {
+  const { store, clock } = clockedStore()
+  await complete(store, clock, 'a', 900)
+  await store.insert('k', { fingerprint: 'f', owner: 'owner-k', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
+  await complete(store, clock, 'b', 900)
+  await complete(store, clock, 'c', 900)
+  await store.update('k', 'owner-k', { state: 'completed', response: { statusCode: 200, headers: {}, body: Buffer.alloc(2000, 1) }, expiresAt: clock.now + HOUR })
+  t.strictSame(await states(store, ['a', 'k', 'b', 'c']), { a: undefined, k: 'completed', b: undefined, c: 'completed' },
+    'k made room by evicting a and b, and was kept')
+  await complete(store, clock, 'd', 900)
+  t.strictSame(await states(store, ['k', 'c', 'd']), { k: undefined, c: 'completed', d: 'completed' },
+    'd made room by evicting k, which started before c')
+})
+
 t.test('a record set aside while running, then halted, is removed once expired before any live one is evicted', async (t) => {
   const { store, clock } = clockedStore()
   await store.insert('p', { fingerprint: 'f', owner: 'owner-p', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
@@ -429,7 +443,8 @@ t.test('inserts into a store full of halted records as fast as into one with roo
   const full = new MemoryStore({ maxBytes: 1024 * 1024 })
   const halted: string[] = []
   for (let index = 0; index < 8_000; index++) halted.push(add(full, 'halted'))
-  t.ok(full.size > full.maxBytes, 'halted records are kept past maxBytes rather than forgotten')
+  const haltedBytes = full.size
+  t.ok(haltedBytes > full.maxBytes, 'halted records are kept past maxBytes rather than forgotten')
   const roomy = new MemoryStore({ maxBytes: 1024 * 1024 * 1024 })
   const withRoom = fastest(roomy)
   const whenHeld = fastest(full)
@@ -437,6 +452,6 @@ t.test('inserts into a store full of halted records as fast as into one with roo
   t.equal((await full.lookup(halted[0] as string))?.state, 'halted', 'a record set aside is still found')
   const again = await full.insert(halted[0] as string, { fingerprint: 'f', owner: 'other', expiresAt: Date.now() + HOUR, lease: HOUR, takeOverExpiredLease: false })
   t.equal(again.inserted, false, 'and still holds its key')
-  t.ok(full.size <= full.maxBytes + 8_000 * 400, 'completed records were evicted meanwhile: only the halted ones are over the bound')
-  t.equal(await full.lookup(`key-${next - 1}`) !== undefined, true, 'the newest completed record is kept')
+  t.ok(full.size <= haltedBytes + 1024, `completed records were evicted meanwhile: ${full.size - haltedBytes} bytes besides the halted ones`)
+  t.equal((await full.lookup(`key-${next - 1}`))?.state, 'completed', 'the newest completed record is kept')
 })
