@@ -22,7 +22,8 @@ async function sample (server, scenario) {
     p99: result.latency.p99,
     cpu: (after.server - before.server) / requests + store,
     store,
-    bad: result.non2xx + result.errors + result.timeouts
+    bad: result.non2xx + result.errors + result.timeouts,
+    faults: (after.faults - before.faults) / requests
   }
 }
 
@@ -48,7 +49,8 @@ async function measure (scenario) {
       store: median(list.map((entry) => entry.store)),
       ratio: median(list.map((entry, run) => entry.cpu / bare[run].cpu)),
       ratios: list.map((entry, run) => entry.cpu / bare[run].cpu).sort((a, b) => a - b),
-      bad: list.reduce((sum, entry) => sum + entry.bad, 0)
+      bad: list.reduce((sum, entry) => sum + entry.bad, 0),
+      faults: median(list.map((entry) => entry.faults))
     }))
   } finally {
     for (const server of servers.values()) await server.stop()
@@ -60,8 +62,8 @@ for (const scenario of scenarios) rows.push(...await measure(scenario))
 
 console.log(`\nfastify-idempotency benchmark, ${new Date().toISOString().slice(0, 10)}, Node ${process.version}, ` +
   `${connections} connections at ${rate > 0 ? `${rate} req/s` : 'full speed'}, ${runs} runs of ${seconds} s (medians; ratio = median of per-run ratios)\n`)
-console.log('| scenario | server | req/s | p99 ms | CPU µs/req | of which store | CPU ÷ bare | lowest–highest run | non-2xx/errors |')
-console.log('| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+console.log('| scenario | server | req/s | p99 ms | CPU µs/req | of which store | CPU ÷ bare | lowest–highest run | page faults/req | non-2xx/errors |')
+console.log('| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
 for (const row of rows) {
-  console.log(`| ${row.scenario} | ${row.variant} | ${Math.round(row.rps)} | ${row.p99} | ${row.cpu.toFixed(1)} | ${row.store.toFixed(1)} | ${row.ratio.toFixed(2)} | ${row.ratios[0].toFixed(2)}–${row.ratios.at(-1).toFixed(2)} | ${row.bad} |`)
+  console.log(`| ${row.scenario} | ${row.variant} | ${Math.round(row.rps)} | ${row.p99} | ${row.cpu.toFixed(1)} | ${row.store.toFixed(1)} | ${row.ratio.toFixed(2)} | ${row.ratios[0].toFixed(2)}–${row.ratios.at(-1).toFixed(2)} | ${row.faults.toFixed(3)} | ${row.bad} |`)
 }

@@ -1,10 +1,10 @@
-// One benchmark server in its own process: `node benchmarks/server.js <bare|memory>`.
+// One benchmark server in its own process: `node benchmarks/server.js <bare|memory|full|discard|redis|postgres>`.
 // It reports its port over IPC and answers { cpu } with its own CPU time, so the runner measures
 // only this process's work, not autocannon's.
 import Fastify from 'fastify'
 import { Redis } from 'ioredis'
 import pg from 'pg'
-import idempotency, { PostgresStore, RedisStore } from '../dist/index.js'
+import idempotency, { MemoryStore, PostgresStore, RedisStore } from '../dist/index.js'
 
 const variant = process.argv[2] ?? 'bare'
 const app = Fastify({ logger: false })
@@ -26,6 +26,14 @@ process.on('message', (message) => {
 
 async function storeFor (name) {
   if (name === 'memory') return undefined
+  // The plugin's own path with a store that answers at once and keeps nothing: what the memory
+  // store costs beyond it is the cost of keeping records.
+  // A memory store at its bound, as a long-running instance's is: each new record evicts an old
+  // one, and the heap no longer grows.
+  if (name === 'full') return new MemoryStore({ maxBytes: 1024 * 1024 })
+  if (name === 'discard') {
+    return { inProcess: true, insert: () => ({ inserted: true }), lookup: () => undefined, update: () => true, delete: () => true, prune: () => 0 }
+  }
   if (name === 'redis') {
     const client = new Redis({ host: '127.0.0.1', port: Number(process.env.BENCH_REDIS_PORT) })
     app.addHook('onClose', async () => { client.disconnect() })

@@ -55,14 +55,19 @@ async function startRedis () {
   return { port, cpu: () => processCpu(child.pid), stop: async () => { child.kill('SIGTERM'); await once(child, 'exit') } }
 }
 
+// Fields of /proc/PID/stat after the process name: state is [0], minflt [7], utime [11], stime [12].
+function processStat (pid) {
+  try {
+    return readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')
+  } catch {
+    return undefined
+  }
+}
+
 // utime + stime of a process, in µs, from /proc (clock ticks of 10 ms)
 function processCpu (pid) {
-  try {
-    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')
-    return (Number(fields[11]) + Number(fields[12])) * 10_000
-  } catch {
-    return 0
-  }
+  const fields = processStat(pid)
+  return fields === undefined ? 0 : (Number(fields[11]) + Number(fields[12])) * 10_000
 }
 
 // Every process named postgres: the server and its backends.
@@ -83,11 +88,12 @@ export async function start (variant, { execArgv = [] } = {}) {
   const storeCpu = variant === 'redis' ? () => redis.cpu() : variant === 'postgres' ? postgresCpu : () => 0
   const child = fork(new URL('./server.js', import.meta.url), [variant], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env, execArgv })
   const [{ port }] = await once(child, 'message')
-  // CPU time in µs so far: the server's, and the store server's.
+  // CPU time in µs so far: the server's, and the store server's; and the server's minor page
+  // faults, which a heap that keeps growing (a store in memory) pays for each new page.
   const cpu = async () => {
     child.send('cpu')
     const [{ cpu: usage }] = await once(child, 'message')
-    return { server: usage.user + usage.system, store: storeCpu() }
+    return { server: usage.user + usage.system, store: storeCpu(), faults: Number(processStat(child.pid)?.[7] ?? 0) }
   }
   return {
     port,
