@@ -26,11 +26,11 @@ process.on('message', (message) => {
 
 async function storeFor (name) {
   if (name === 'memory') return undefined
-  // The plugin's own path with a store that answers at once and keeps nothing: what the memory
-  // store costs beyond it is the cost of keeping records.
   // A memory store at its bound, as a long-running instance's is: each new record evicts an old
   // one, and the heap no longer grows.
   if (name === 'full') return new MemoryStore({ maxBytes: 1024 * 1024 })
+  // The plugin's own path with a store that answers at once and keeps nothing: what the memory
+  // store costs beyond it is the cost of keeping records.
   if (name === 'discard') {
     return { inProcess: true, insert: () => ({ inserted: true }), lookup: () => undefined, update: () => true, delete: () => true, prune: () => 0 }
   }
