@@ -42,7 +42,7 @@ export class FaultyStore implements IdempotencyStore {
     return this.#call('prune', () => this.inner.prune())
   }
 
-  #call<Result> (operation: Operation, run: () => Result, key?: string, state?: string): Awaitable<Result> {
+  #call<Result> (operation: Operation, run: () => Awaitable<Result>, key?: string, state?: string): Awaitable<Result> {
     this.calls.push({ operation, key, state })
     const failing = this.failing.has(operation)
     if (this.synchronous) {
@@ -53,7 +53,7 @@ export class FaultyStore implements IdempotencyStore {
     return (async () => {
       if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait))
       if (failing) throw new Error(`store ${operation} failed`)
-      return run()
+      return await run()
     })()
   }
 }

@@ -455,3 +455,40 @@ t.test('inserts into a store full of halted records as fast as into one with roo
   t.ok(full.size <= haltedBytes + 1024, `completed records were evicted meanwhile: ${full.size - haltedBytes} bytes besides the halted ones`)
   t.equal((await full.lookup(`key-${next - 1}`))?.state, 'completed', 'the newest completed record is kept')
 })
+
+t.test('prunes a store larger than one chunk a chunk per turn of the event loop, and removes every expired record', async (t) => {
+  const { store, clock } = clockedStore({ maxBytes: 1024 * 1024 * 1024 })
+  const response = { statusCode: 201, headers: {}, body: 'ok' }
+  for (let index = 0; index < 12_000; index++) {
+    const key = `key-${index}`
+    store.insert(key, { fingerprint: 'f', owner: 'o', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
+    store.update(key, 'o', { state: 'completed', response, expiresAt: clock.now + (index % 2 === 0 ? 1000 : HOUR) })
+  }
+  // The bytes of the records that will expire, and of the record inserted during the prune.
+  const expiring = clockedStore({ maxBytes: 1024 * 1024 * 1024 })
+  for (let index = 0; index < 12_000; index += 2) {
+    expiring.store.insert(`key-${index}`, { fingerprint: 'f', owner: 'o', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
+    expiring.store.update(`key-${index}`, 'o', { state: 'completed', response, expiresAt: clock.now + HOUR })
+  }
+  const inserted = clockedStore()
+  inserted.store.insert('during', { fingerprint: 'f', owner: 'o', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
+  const before = store.size
+  clock.now += 5000
+  const pruning = store.prune()
+  t.ok(pruning instanceof Promise, 'a store larger than one chunk answers through a promise')
+  let turned = false
+  setImmediate(() => {
+    turned = true
+    store.insert('during', { fingerprint: 'f', owner: 'o', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
+  })
+  const removed = await Promise.resolve(pruning).then((count) => {
+    t.ok(turned, 'the event loop turned before the prune was done')
+    return count
+  })
+  t.equal(removed, 6000, 'every expired record, and no other')
+  t.equal((await store.lookup('key-0')), undefined)
+  t.equal((await store.lookup('key-1'))?.state, 'completed')
+  t.equal((await store.lookup('during'))?.state, 'processing', 'a record inserted meanwhile is kept')
+  t.equal(store.size, before - expiring.store.size + inserted.store.size, 'the removed records gave back their bytes')
+  t.equal(typeof clockedStore().store.prune(), 'number', 'a small store is pruned at once')
+})
