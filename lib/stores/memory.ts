@@ -60,7 +60,8 @@ const PRUNE_CHUNK = 5000
 
 /**
  * Keeps records in this process: for one instance, tests and development. It answers at once,
- * without promises, so a tracked request costs no extra turn of the event loop.
+ * without promises, so a tracked request costs no extra turn of the event loop (only `prune` of a
+ * large store answers through a promise, walking it a chunk per turn).
  * Bounded by `maxBytes`: when full it evicts the oldest completed records, never in-flight or halted ones (a halted
  * record stands for an outcome nobody knows; forgetting it would let a retry run again).
  *
@@ -233,19 +234,13 @@ export class MemoryStore implements IdempotencyStore {
     this.#heldSweepAt = Math.min(this.#heldSweepAt, Math.max(expiresAt, now + HELD_SWEEP_INTERVAL))
   }
 
-  #sweepHeld (now: number): number {
-    let removed = 0
+  #sweepHeld (now: number): void {
     let earliest = Infinity
     for (const [key, entry] of this.#held) {
-      if (entry.expiresAt <= now) {
-        this.#remove(key, entry)
-        removed++
-      } else if (entry.expiresAt < earliest) {
-        earliest = entry.expiresAt
-      }
+      if (entry.expiresAt <= now) this.#remove(key, entry)
+      else if (entry.expiresAt < earliest) earliest = entry.expiresAt
     }
     this.#heldSweepAt = earliest === Infinity ? Infinity : Math.max(earliest, now + HELD_SWEEP_INTERVAL)
-    return removed
   }
 
   // `keep` is the record that just grew: it is never evicted, even when it alone is larger than
