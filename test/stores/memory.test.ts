@@ -492,3 +492,24 @@ t.test('prunes a store larger than one chunk a chunk per turn of the event loop,
   t.equal(store.size, before - expiring.store.size + inserted.store.size, 'the removed records gave back their bytes')
   t.equal(typeof clockedStore().store.prune(), 'number', 'a small store is pruned at once')
 })
+
+t.test('a chunked prune walks the records set aside too, and leaves a halt made meanwhile to be removed on time', async (t) => {
+  const { store, clock } = clockedStore({ maxBytes: 1024 })
+  const running = () => ({ fingerprint: 'f', owner: 'o', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
+  store.insert('p', running())
+  // Over maxBytes with nothing to evict: eviction sets them all aside.
+  for (let index = 0; index < 6000; index++) store.insert(`k${index}`, running())
+  const pruning = store.prune()
+  t.ok(pruning instanceof Promise, 'more than one chunk')
+  t.equal(store.update('p', 'o', { state: 'halted', expiresAt: clock.now + 2000 }), true, 'p, which the first chunk passed, halts with a short expiry')
+  t.equal(await pruning, 0)
+  const before = store.size
+  clock.now += 3000
+  store.insert('x', running())
+  t.equal(store.size, before, 'x made room by removing the expired p (both are 163 bytes)')
+  clock.now += 2 * HOUR
+  const last = store.prune()
+  t.ok(last instanceof Promise)
+  t.equal(await last, 6001, 'every record set aside and x, over two chunks')
+  t.equal(store.size, 0)
+})
