@@ -162,12 +162,9 @@ export class MemoryStore implements IdempotencyStore {
       entry.size += added
       // A request that ran long enough to renew its lease is the one whose client most likely
       // timed out and will retry: it moves to the back, as one set aside does. Others keep their place.
-      if (entry.held) {
+      if (entry.held || entry.renewed) {
+        this.#mapOf(entry).delete(key)
         entry.held = false
-        this.#held.delete(key)
-        this.#records.set(key, entry)
-      } else if (entry.renewed) {
-        this.#records.delete(key)
         this.#records.set(key, entry)
       }
       this.#grow(added, now, entry)
@@ -217,9 +214,12 @@ export class MemoryStore implements IdempotencyStore {
     return entry !== undefined || this.#held.size === 0 ? entry : this.#held.get(key)
   }
 
+  #mapOf (entry: Entry): Map<string, Entry> {
+    return entry.held ? this.#held : this.#records
+  }
+
   #remove (key: string, entry: Entry): void {
-    if (entry.held) this.#held.delete(key)
-    else this.#records.delete(key)
+    this.#mapOf(entry).delete(key)
     this.#bytes -= entry.size
   }
 
