@@ -84,7 +84,7 @@ if (requireRedis(t)) {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     const admin = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => { client.disconnect(); admin.disconnect() })
-    await admin.set('late-error:type', 'a string, not a hash')
+    await admin.hset('late-error:type', 'a', 'hash, not a string')
     const store = new RedisStore({ client, timeout: 50, prefix: 'late-error:' })
     await store.lookup('warm')
     const blocked = admin.call('DEBUG', 'SLEEP', '0.2')
@@ -99,11 +99,24 @@ if (requireRedis(t)) {
   t.test('passes on the error Redis answers with', async (t) => {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => client.disconnect())
-    await client.set('wrong:type', 'a string, not a hash')
+    await client.hset('wrong:type', 'a', 'hash, not a string')
     const store = new RedisStore({ client, prefix: 'wrong:' })
     const error = await store.insert('type', { fingerprint: 'f', owner: 'o', expiresAt: Date.now() + 1000, lease: 1000, takeOverExpiredLease: false })
       .then(() => undefined, (failure: unknown) => failure as Error)
     t.match(error?.message, /WRONGTYPE/)
+  })
+
+  t.test('fails on a string value that it did not write, rather than reading a record into it', async (t) => {
+    const client = new Redis({ host: '127.0.0.1', port: server.port })
+    t.teardown(() => client.disconnect())
+    const store = new RedisStore({ client, prefix: 'foreign:' })
+    // An unknown state, no expiry, no fingerprint length, a fingerprint longer than the value.
+    const values = ['x\n1\n1\nf', 'c\n', 'c\n1\n9', 'c\n1\n9\nf']
+    for (const [index, value] of values.entries()) await client.set(`foreign:${index}`, value)
+    for (const [index, value] of values.entries()) {
+      const error = await store.lookup(String(index)).then(() => undefined, (failure: unknown) => failure as Error)
+      t.equal(error?.message, 'redis record is not one this store wrote', JSON.stringify(value))
+    }
   })
 
   t.test('fails at once while the client is reconnecting', async (t) => {
