@@ -175,11 +175,6 @@ export class RedisStore implements IdempotencyStore {
   readonly timeout: number
   #client: ScriptedClient
   #steps: Step[] = []
-  /** When the oldest waiting step was asked: its call's timeout counts from then. */
-  #stepsSince = 0
-  #sendScheduled = false
-  /** Calls sent and not yet answered (or timed out). */
-  #callsInFlight = 0
   #sendSteps = (): void => { this.#send() }
   // The responses of a route mostly carry the same headers, which the plugin hands over as one
   // object: the last set is kept with its JSON text, so that it is neither written nor parsed again.
@@ -283,55 +278,40 @@ export class RedisStore implements IdempotencyStore {
     const status = this.#client.status
     if (DISCONNECTED.has(status)) return Promise.reject(new Error(`redis ${operation} failed: the client is ${status}`))
     return new Promise((resolve, reject) => {
-      if (this.#steps.length === 0) this.#stepsSince = Date.now()
+      // The first step of a turn schedules the call; it goes out once the turn's I/O is done.
+      if (this.#steps.length === 0) setImmediate(this.#sendSteps)
       this.#steps.push({ operation, key, argv, bytes, resolve, reject, onTimeout })
-      this.#scheduleSend()
     })
   }
 
-  // Steps go out once the turn's I/O is done, and not while an earlier call is in flight: those
-  // asked meanwhile wait for its answer and then share one call. When Redis answers within a
-  // turn, as it does under light load, this changes nothing; under heavy load, calls carry more
-  // steps each, and each call costs a write and a read on both sides.
-  #scheduleSend (): void {
-    if (this.#sendScheduled || this.#callsInFlight > 0 || this.#steps.length === 0) return
-    this.#sendScheduled = true
-    setImmediate(this.#sendSteps)
-  }
-
   #send (): void {
-    this.#sendScheduled = false
     const steps = this.#steps
     this.#steps = []
-    // A step's time in the queue counts against its timeout: it fails at most `timeout` after it was asked.
-    const timeout = Math.max(1, this.timeout - (Date.now() - this.#stepsSince))
     const perCall = this.#client.isCluster === true ? 1 : MAX_CALL_STEPS
     let first = 0
     let bytes = 0
     for (let index = 0; index < steps.length; index++) {
       bytes += (steps[index] as Step).bytes
       if (index + 1 === steps.length || index + 1 - first === perCall || bytes + (steps[index + 1] as Step).bytes > MAX_CALL_BYTES) {
-        this.#call(first === 0 && index + 1 === steps.length ? steps : steps.slice(first, index + 1), timeout)
+        this.#call(first === 0 && index + 1 === steps.length ? steps : steps.slice(first, index + 1))
         first = index + 1
         bytes = 0
       }
     }
   }
 
-  #call (steps: Step[], timeout: number): void {
+  #call (steps: Step[]): void {
     const arguments_: StepArgument[] = [steps.length]
     for (const step of steps) arguments_.push(step.key)
     for (const step of steps) for (const argument of step.argv) arguments_.push(argument)
     let pending = true
-    this.#callsInFlight++
     const timer = setTimeout(() => {
       pending = false
       for (const step of steps) {
         step.onTimeout?.()
         step.reject(new Error(`redis ${step.operation} timed out after ${this.timeout} ms`))
       }
-      this.#callDone()
-    }, timeout)
+    }, this.timeout)
     let sent: Promise<StepReply[]>
     try {
       sent = this.#client.idempotencyStepsBuffer(...arguments_)
@@ -344,18 +324,11 @@ export class RedisStore implements IdempotencyStore {
       pending = false
       clearTimeout(timer)
       for (let index = 0; index < steps.length; index++) (steps[index] as Step).resolve(replies[index] as StepReply)
-      this.#callDone()
     }, (error: Error) => {
       if (!pending) return
       pending = false
       clearTimeout(timer)
       for (const step of steps) step.reject(error)
-      this.#callDone()
     })
-  }
-
-  #callDone (): void {
-    this.#callsInFlight--
-    this.#scheduleSend()
   }
 }

@@ -203,50 +203,6 @@ if (requireRedis(t)) {
     t.ok(body.equals((await store.lookup('k2'))?.response?.body as Buffer))
   })
 
-  t.test('operations asked while a call is in flight wait for its answer, then share one call', async (t) => {
-    const client = new Redis({ host: '127.0.0.1', port: server.port })
-    const admin = new Redis({ host: '127.0.0.1', port: server.port })
-    t.teardown(() => { client.disconnect(); admin.disconnect() })
-    const store = new RedisStore({ client, prefix: 'queued:' })
-    await store.lookup('warm')
-    const counter = countingClient(client)
-    const blocked = admin.call('DEBUG', 'SLEEP', '0.1')
-    await sleep(10)
-    const first = store.insert('first', record('o-first'))
-    // Three later turns, each with one operation, while the first call waits on Redis.
-    const later: Array<Promise<unknown>> = []
-    for (let index = 0; index < 3; index++) {
-      await sleep(10)
-      later.push(store.insert(`later${index}`, record(`o${index}`)))
-    }
-    t.equal(counter.calls(), 1, 'only the first call went out')
-    await blocked
-    t.same(await first, { inserted: true })
-    t.same(await Promise.all(later), [{ inserted: true }, { inserted: true }, { inserted: true }])
-    t.equal(counter.calls(), 2, 'the three waiting operations went out together')
-    await store.lookup('alone')
-    t.equal(counter.calls(), 3, 'with nothing in flight, an operation goes out in its own turn')
-  })
-
-  t.test('an operation that waited behind a call in flight still fails within the timeout of being asked', async (t) => {
-    const client = new Redis({ host: '127.0.0.1', port: server.port })
-    const admin = new Redis({ host: '127.0.0.1', port: server.port })
-    t.teardown(() => { client.disconnect(); admin.disconnect() })
-    const store = new RedisStore({ client, prefix: 'queued-timeout:', timeout: 100 })
-    await store.lookup('warm')
-    const blocked = admin.call('DEBUG', 'SLEEP', '0.4')
-    await sleep(10)
-    const first = store.lookup('first').then(() => 'answered', (error: unknown) => (error as Error).message)
-    await sleep(20)
-    const askedAt = Date.now()
-    const waited = await store.lookup('waited').then(() => 'answered', (error: unknown) => (error as Error).message)
-    const took = Date.now() - askedAt
-    t.equal(await first, 'redis lookup timed out after 100 ms')
-    t.equal(waited, 'redis lookup timed out after 100 ms')
-    t.ok(took < 150, `failed ${took} ms after it was asked, not a whole timeout after the first call failed (180)`)
-    await blocked
-  })
-
   t.test('on a Cluster every operation is a call of its own, as a call may touch one slot only', async (t) => {
     const client = new Cluster(cluster.nodes)
     t.teardown(() => client.disconnect())
