@@ -73,9 +73,7 @@ local function answer (r)
   if tonumber(sub(r, fingerprintEnd + 1, find(r, '\\n', fingerprintEnd + 1, true) - 1)) > now then return r end
   return 'l' .. sub(r, 2)
 end
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  local kind = ARGV[a]
+local function step (key, kind, a)
   if kind == 'i' then
     local fingerprint, expiresAt = ARGV[a + 1], ARGV[a + 3]
     local r = redis.call('GET', key)
@@ -85,41 +83,44 @@ for i = 1, #KEYS do
       local _, fingerprintEnd, lengthEnd = fields(r)
       takeOver = sub(r, lengthEnd + 1, fingerprintEnd) == fingerprint
     end
-    if r and not takeOver then
-      out[i] = r
-    else
-      redis.call('SET', key, 'p\\n' .. expiresAt .. '\\n' .. #fingerprint .. '\\n' .. fingerprint .. (now + tonumber(ARGV[a + 4])) .. '\\n' .. ARGV[a + 2], 'PXAT', expiresAt)
-      out[i] = 1
-    end
-    a = a + 6
-  elseif kind == 'l' then
-    local r = redis.call('GET', key)
-    out[i] = r and answer(r) or 0
-    a = a + 1
-  else
-    local r = redis.call('GET', key)
-    local owned = false
-    local expiresEnd, fingerprintEnd, leaseEnd
-    if r and byte(r, 1) == 112 then
-      expiresEnd, fingerprintEnd = fields(r)
-      leaseEnd = find(r, '\\n', fingerprintEnd + 1, true)
-      owned = sub(r, leaseEnd + 1) == ARGV[a + 1]
-    end
-    out[i] = owned and 1 or 0
-    if not owned then
-    elseif kind == 'd' then
-      redis.call('DEL', key)
-    elseif kind == 'r' then
-      local lease = now + tonumber(ARGV[a + 2])
-      local expiresAt = math.max(tonumber(sub(r, 3, expiresEnd - 1)), lease)
-      redis.call('SET', key, 'p\\n' .. expiresAt .. sub(r, expiresEnd, fingerprintEnd) .. lease .. sub(r, leaseEnd), 'PXAT', expiresAt)
-    elseif kind == 'h' then
-      redis.call('SET', key, 'h\\n' .. ARGV[a + 2] .. sub(r, expiresEnd, fingerprintEnd), 'PXAT', ARGV[a + 2])
-    else
-      redis.call('SET', key, 'c\\n' .. ARGV[a + 2] .. sub(r, expiresEnd, fingerprintEnd) .. ARGV[a + 3] .. '\\n' .. ARGV[a + 4] .. '\\n' .. ARGV[a + 5], 'PXAT', ARGV[a + 2])
-    end
-    a = a + (kind == 'd' and 2 or kind == 'c' and 6 or 3)
+    if r and not takeOver then return r end
+    redis.call('SET', key, 'p\\n' .. expiresAt .. '\\n' .. #fingerprint .. '\\n' .. fingerprint .. (now + tonumber(ARGV[a + 4])) .. '\\n' .. ARGV[a + 2], 'PXAT', expiresAt)
+    return 1
   end
+  local r = redis.call('GET', key)
+  if kind == 'l' then return r and answer(r) or 0 end
+  if not r or byte(r, 1) ~= 112 then return 0 end
+  local expiresEnd, fingerprintEnd = fields(r)
+  local leaseEnd = find(r, '\\n', fingerprintEnd + 1, true)
+  if sub(r, leaseEnd + 1) ~= ARGV[a + 1] then return 0 end
+  if kind == 'd' then
+    redis.call('DEL', key)
+  elseif kind == 'r' then
+    local lease = now + tonumber(ARGV[a + 2])
+    local expiresAt = math.max(tonumber(sub(r, 3, expiresEnd - 1)), lease)
+    redis.call('SET', key, 'p\\n' .. expiresAt .. sub(r, expiresEnd, fingerprintEnd) .. lease .. sub(r, leaseEnd), 'PXAT', expiresAt)
+  elseif kind == 'h' then
+    redis.call('SET', key, 'h\\n' .. ARGV[a + 2] .. sub(r, expiresEnd, fingerprintEnd), 'PXAT', ARGV[a + 2])
+  else
+    redis.call('SET', key, 'c\\n' .. ARGV[a + 2] .. sub(r, expiresEnd, fingerprintEnd) .. ARGV[a + 3] .. '\\n' .. ARGV[a + 4] .. '\\n' .. ARGV[a + 5], 'PXAT', ARGV[a + 2])
+  end
+  return 1
+end
+-- How many ARGV each kind of step takes, its kind included.
+local sizes = {i = 6, l = 1, d = 2, r = 3, h = 3, c = 6}
+-- A step that fails (a key of another type, a value this store did not write) fails alone.
+for i = 1, #KEYS do
+  local kind = ARGV[a]
+  local ok, reply = pcall(step, KEYS[i], kind, a)
+  if ok then
+    out[i] = reply
+  else
+    local message = type(reply) == 'table' and reply.err or tostring(reply)
+    -- Redis's own errors start with their code (WRONGTYPE); the script's own, on a value it cannot read, do not.
+    if not find(message, '^%u+ ') then message = 'ERR not a record of this store: ' .. message end
+    out[i] = {err = message}
+  end
+  a = a + sizes[kind]
 end
 return out`
 
@@ -323,7 +324,11 @@ export class RedisStore implements IdempotencyStore {
       if (!pending) return
       pending = false
       clearTimeout(timer)
-      for (let index = 0; index < steps.length; index++) (steps[index] as Step).resolve(replies[index] as StepReply)
+      for (let index = 0; index < steps.length; index++) {
+        const reply = replies[index] as StepReply | Error
+        if (reply instanceof Error) (steps[index] as Step).reject(reply)
+        else (steps[index] as Step).resolve(reply)
+      }
     }, (error: Error) => {
       if (!pending) return
       pending = false

@@ -169,6 +169,31 @@ if (requireRedis(t)) {
     t.equal((await store.lookup('k0'))?.response?.body.toString(), 'zero')
   })
 
+  t.test('an operation on a key it cannot read fails alone, not the others of its call', async (t) => {
+    const client = new Redis({ host: '127.0.0.1', port: server.port })
+    t.teardown(() => client.disconnect())
+    const store = new RedisStore({ client, prefix: 'alone:' })
+    await store.lookup('warm')
+    await client.hset('alone:hash', 'a', 'another type')
+    await client.set('alone:broken', 'p\nnot a record')
+    const counter = countingClient(client)
+    const outcome = async (operation: Promise<unknown>): Promise<unknown> => await operation.then(
+      (value) => value,
+      (error: unknown) => (error as Error).message)
+    const [before, hash, broken, after] = await Promise.all([
+      outcome(store.insert('before', record('o1'))),
+      outcome(store.insert('hash', record('o2'))),
+      outcome(store.update('broken', 'o3', { state: 'halted', expiresAt: Date.now() + 60_000 })),
+      outcome(store.insert('after', record('o4')))
+    ])
+    t.equal(counter.calls(), 1, 'one call')
+    t.same(before, { inserted: true })
+    t.match(hash, /^WRONGTYPE/)
+    t.match(broken, /^ERR not a record of this store: .*nil/, 'a value it did not write')
+    t.same(after, { inserted: true })
+    t.equal((await store.lookup('after'))?.state, 'processing')
+  })
+
   t.test('each record keeps its own headers when header sets are reused or change between records', async (t) => {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => client.disconnect())
