@@ -153,6 +153,7 @@ const NEWLINE = 0x0a
 // A record's first byte: its state, or l for a processing record whose lease lapsed.
 const STATES: Partial<Record<number, RecordState>> = { 0x70: 'processing', 0x6c: 'processing', 0x63: 'completed', 0x68: 'halted' }
 const LEASE_LAPSED = 0x6c
+const notARecord = (): Error => new Error('redis record is not one this store wrote')
 const INSERTED: InsertResult = Object.freeze({ inserted: true })
 // While the client is reconnecting, a command would wait in ioredis's offline queue: fail at once.
 const DISCONNECTED = new Set(['reconnecting', 'end', 'close'])
@@ -251,14 +252,15 @@ export class RedisStore implements IdempotencyStore {
     const expiresEnd = reply.indexOf(NEWLINE, 2)
     const lengthEnd = reply.indexOf(NEWLINE, expiresEnd + 1)
     const fingerprintEnd = lengthEnd + 1 + Number(reply.toString('latin1', expiresEnd + 1, lengthEnd))
-    // Not NaN, nor past the end: the value was written by something else.
-    if (state === undefined || !(expiresEnd > 1 && lengthEnd > expiresEnd && fingerprintEnd <= reply.length)) {
-      throw new Error('redis record is not one this store wrote')
+    // Not NaN, nor negative, nor past the end: otherwise the value was written by something else.
+    if (state === undefined || !(expiresEnd > 1 && lengthEnd > expiresEnd && fingerprintEnd > lengthEnd && fingerprintEnd <= reply.length)) {
+      throw notARecord()
     }
     let response: StoredResponse | undefined
     if (state === 'completed') {
       const statusEnd = reply.indexOf(NEWLINE, fingerprintEnd)
       const headersEnd = reply.indexOf(NEWLINE, statusEnd + 1)
+      if (statusEnd === -1 || headersEnd === -1) throw notARecord()
       if (this.#headers === undefined || this.#headersBytes.compare(reply, statusEnd + 1, headersEnd) !== 0) {
         this.#headersText = reply.toString('utf8', statusEnd + 1, headersEnd)
         this.#headers = Object.freeze(JSON.parse(this.#headersText) as StoredResponse['headers'])

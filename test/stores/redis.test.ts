@@ -110,8 +110,9 @@ if (requireRedis(t)) {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => client.disconnect())
     const store = new RedisStore({ client, prefix: 'foreign:' })
-    // An unknown state, no expiry, no fingerprint length, a fingerprint longer than the value.
-    const values = ['x\n1\n1\nf', 'c\n', 'c\n1\n9', 'c\n1\n9\nf']
+    // An unknown state, no expiry, no fingerprint length, a negative one, a fingerprint longer than
+    // the value, no status, no headers.
+    const values = ['x\n1\n1\nf', 'c\n', 'c\n1\n9', 'h\n1\n-1\n', 'c\n1\n9\nf', 'c\n1\n1\nf', 'c\n1\n1\nf200\n{}']
     for (const [index, value] of values.entries()) await client.set(`foreign:${index}`, value)
     for (const [index, value] of values.entries()) {
       const error = await store.lookup(String(index)).then(() => undefined, (failure: unknown) => failure as Error)
