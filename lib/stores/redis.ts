@@ -47,9 +47,9 @@ export interface RedisStoreOptions {
 // Times are ms since the epoch; the fingerprint's length is in bytes, so that it may hold any
 // character, and JSON never holds a raw newline. A string costs Redis one command to read and one
 // to write with its expiry (SET PXAT, Redis 6.2), where a hash took three: per fresh key, four
-// commands instead of six. A processing record whose lease lapsed is answered with its first letter
-// changed to l. Leases are judged by Redis's own clock (TIME) so that app
-// servers whose clocks differ never disagree about them.
+// commands instead of six. Leases are judged by Redis's own clock (TIME), so that app servers whose
+// clocks differ never disagree about them; a processing record whose lease lapsed is answered with
+// its first letter changed to l.
 //
 // Every operation is one step of one script: KEYS[i] is step i's key, and ARGV holds each
 // step's kind followed by its arguments. The steps of one turn of the event loop go to Redis as
