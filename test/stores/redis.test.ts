@@ -96,6 +96,31 @@ if (requireRedis(t)) {
       'the same call answered in time fails with the error')
   })
 
+  t.test('a call that timed out stays failed with the timeout when its connection closes later', async (t) => {
+    const client = new Redis({ host: '127.0.0.1', port: server.port })
+    const admin = new Redis({ host: '127.0.0.1', port: server.port })
+    t.teardown(() => { client.disconnect(); admin.disconnect() })
+    const store = new RedisStore({ client, timeout: 50, prefix: 'late-close:' })
+    await store.lookup('warm')
+    const blocked = admin.call('DEBUG', 'SLEEP', '0.2')
+    await sleep(20)
+    const sent = (client as unknown as { idempotencyStepsBuffer: (...arguments_: unknown[]) => Promise<unknown> })
+    const call = sent.idempotencyStepsBuffer
+    let late: Promise<unknown> | undefined
+    sent.idempotencyStepsBuffer = (...arguments_: unknown[]) => {
+      late = call.apply(client, arguments_)
+      return late
+    }
+    const error = await store.lookup('k').then(() => undefined, (failure: unknown) => failure as Error)
+    t.equal(error?.message, 'redis lookup timed out after 50 ms')
+    // Closed at once, not ended: an ended socket still receives Redis's answer.
+    client.disconnect()
+    ;(client as unknown as { stream: { destroy: () => void } }).stream.destroy()
+    const closed = await (late as Promise<unknown>).then(() => undefined, (failure: unknown) => (failure as Error).message)
+    t.match(closed, /Connection is closed/, 'the call itself failed after the timeout, and nothing else came of it')
+    await blocked
+  })
+
   t.test('passes on the error Redis answers with', async (t) => {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => client.disconnect())
