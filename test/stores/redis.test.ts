@@ -1,4 +1,4 @@
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { Cluster, Redis } from 'ioredis'
 import { RedisStore, type IdempotencyStore } from '../../lib/index.js'
 import { runConformance } from './conformance.js'
@@ -59,15 +59,29 @@ if (requireRedis(t)) {
     t.ok(perNode.filter((count) => count > 0).length >= 2, `keys per node: ${perNode.join(', ')}`)
   })
 
-  t.test('fails a call that Redis does not answer within the timeout, and leaves no record behind', async (t) => {
+  /** A store with a 50 ms timeout and a warm connection, and an admin client to block Redis with. */
+  async function storeWithAdmin (t: Test, prefix: string): Promise<{ client: Redis, admin: Redis, store: RedisStore }> {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     const admin = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => { client.disconnect(); admin.disconnect() })
-    const store = new RedisStore({ client, timeout: 50, prefix: 'slow:' })
+    const store = new RedisStore({ client, timeout: 50, prefix })
     await store.lookup('warm')
-    // DEBUG SLEEP blocks the server: the insert queues behind it and times out
-    const blocked = admin.call('DEBUG', 'SLEEP', '0.3')
+    return { client, admin, store }
+  }
+
+  /**
+   * DEBUG SLEEP blocks the server: what is sent meanwhile queues behind it. Answers once Redis is
+   * blocked, with the sleep's own promise, which settles when Redis is free again.
+   */
+  async function blockRedis (admin: Redis, seconds: number): Promise<{ blocked: Promise<unknown> }> {
+    const blocked = admin.call('DEBUG', 'SLEEP', String(seconds))
     await sleep(20)
+    return { blocked }
+  }
+
+  t.test('fails a call that Redis does not answer within the timeout, and leaves no record behind', async (t) => {
+    const { admin, store } = await storeWithAdmin(t, 'slow:')
+    const { blocked } = await blockRedis(admin, 0.3)
     const started = Date.now()
     const error = await store.insert('late', { fingerprint: 'f', owner: 'late-owner', expiresAt: Date.now() + 60_000, lease: 60_000, takeOverExpiredLease: false })
       .then(() => undefined, (failure: unknown) => failure as Error)
@@ -81,14 +95,9 @@ if (requireRedis(t)) {
   })
 
   t.test('a call that timed out stays failed with the timeout, whatever Redis answers later', async (t) => {
-    const client = new Redis({ host: '127.0.0.1', port: server.port })
-    const admin = new Redis({ host: '127.0.0.1', port: server.port })
-    t.teardown(() => { client.disconnect(); admin.disconnect() })
+    const { admin, store } = await storeWithAdmin(t, 'late-error:')
     await admin.hset('late-error:type', 'a', 'hash, not a string')
-    const store = new RedisStore({ client, timeout: 50, prefix: 'late-error:' })
-    await store.lookup('warm')
-    const blocked = admin.call('DEBUG', 'SLEEP', '0.2')
-    await sleep(20)
+    const { blocked } = await blockRedis(admin, 0.2)
     const error = await store.lookup('type').then(() => undefined, (failure: unknown) => failure as Error)
     t.equal(error?.message, 'redis lookup timed out after 50 ms', 'not the WRONGTYPE Redis answers after the timeout')
     await blocked
@@ -97,13 +106,8 @@ if (requireRedis(t)) {
   })
 
   t.test('a call that timed out stays failed with the timeout when its connection closes later', async (t) => {
-    const client = new Redis({ host: '127.0.0.1', port: server.port })
-    const admin = new Redis({ host: '127.0.0.1', port: server.port })
-    t.teardown(() => { client.disconnect(); admin.disconnect() })
-    const store = new RedisStore({ client, timeout: 50, prefix: 'late-close:' })
-    await store.lookup('warm')
-    const blocked = admin.call('DEBUG', 'SLEEP', '0.2')
-    await sleep(20)
+    const { client, admin, store } = await storeWithAdmin(t, 'late-close:')
+    const { blocked } = await blockRedis(admin, 0.2)
     const sent = (client as unknown as { idempotencyStepsBuffer: (...arguments_: unknown[]) => Promise<unknown> })
     const call = sent.idempotencyStepsBuffer
     let late: Promise<unknown> | undefined
