@@ -224,6 +224,30 @@ if (requireRedis(t)) {
     t.equal((await store.lookup('after'))?.state, 'processing')
   })
 
+  t.test('a Redis out of memory still answers a key that holds a record, and refuses new ones', async (t) => {
+    const client = new Redis({ host: '127.0.0.1', port: server.port })
+    t.teardown(() => client.disconnect())
+    const store = new RedisStore({ client, prefix: 'oom:' })
+    const response = { statusCode: 201, headers: {}, body: 'done' }
+    await store.insert('done', record('o1'))
+    await store.update('done', 'o1', { state: 'completed', response, expiresAt: Date.now() + 60_000 })
+    await store.insert('running', { ...record('o2'), lease: 1, takeOverExpiredLease: true })
+    await sleep(5)
+    const [, policy] = await client.config('GET', 'maxmemory-policy') as string[]
+    t.equal(policy, 'noeviction', 'Redis refuses writes rather than evicting')
+    t.teardown(async () => { await client.config('SET', 'maxmemory', '0') })
+    await client.config('SET', 'maxmemory', '1')
+    const replay = await store.insert('done', record('o3'))
+    t.match(replay, { inserted: false, record: { state: 'completed', response: { statusCode: 201 } } }, 'a replay needs no write')
+    t.equal(replay.inserted ? undefined : replay.record.response?.body.toString(), 'done')
+    await t.rejects(store.insert('fresh', record('o4')), /^OOM /, 'a new record is refused with Redis\'s error')
+    await t.rejects(store.insert('running', { ...record('o5'), takeOverExpiredLease: true }), /^OOM /,
+      'so is taking over a lapsed lease')
+    await client.config('SET', 'maxmemory', '0')
+    t.equal(await store.lookup('fresh'), undefined, 'nothing was written')
+    t.same(await store.insert('fresh', record('o4')), { inserted: true }, 'written once Redis has room again')
+  })
+
   t.test('each record keeps its own headers when header sets are reused or change between records', async (t) => {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => client.disconnect())
