@@ -20,6 +20,8 @@ export interface RedisClient {
   readonly status: string
   /** `true` for an ioredis `Cluster`. */
   readonly isCluster?: boolean
+  /** Told when the client is ready again after reconnecting. */
+  once? (event: 'ready', listener: () => void): unknown
 }
 
 const RedisStoreOptionsSchema = Type.Object({
@@ -128,6 +130,16 @@ return out`
 type StepReply = Buffer | number
 type StepArgument = string | number | Buffer
 
+/** An insert whose outcome is unknown: its record is deleted if its owner still holds it. */
+interface Undo {
+  key: string
+  owner: string
+  /** When the record would expire anyway. */
+  expiresAt: number
+  /** Calls that carried this delete and did not come back. */
+  attempts: number
+}
+
 /** One operation waiting for its turn's call. */
 interface Step {
   operation: string
@@ -138,8 +150,8 @@ interface Step {
   bytes: number
   resolve: (reply: StepReply) => void
   reject: (error: Error) => void
-  /** Undoes what the step may still do once Redis answers, after it timed out. */
-  onTimeout: (() => void) | undefined
+  /** What to undo when the step's call times out or fails, so that Redis may have run it unseen. */
+  undo: Undo | undefined
 }
 
 /** The command `defineCommand` adds to the client: numkeys, the keys, then ARGV. */
@@ -147,6 +159,7 @@ interface ScriptedClient {
   idempotencyStepsBuffer (...arguments_: StepArgument[]): Promise<StepReply[]>
   status: string
   isCluster?: boolean
+  once?: RedisClient['once']
 }
 
 const NEWLINE = 0x0a
@@ -161,6 +174,12 @@ const DISCONNECTED = new Set(['reconnecting', 'end', 'close'])
 // several calls, so that one script never holds Redis for long.
 const MAX_CALL_STEPS = 64
 const MAX_CALL_BYTES = 1024 * 1024
+// Deletes of unknown inserts wait at most this many at a time, ride at most this many per call,
+// and are tried in at most this many calls: a store that cannot reach Redis forgets them.
+const MAX_UNDO_WAITING = 10_000
+const MAX_UNDO_PER_CALL = 16
+const MAX_UNDO_ATTEMPTS = 5
+const ignore = (): void => {}
 const validateOptions = compileOptions(RedisStoreOptionsSchema, { subject: 'RedisStore', prefix: '' })
 
 /**
@@ -177,7 +196,12 @@ export class RedisStore implements IdempotencyStore {
   readonly timeout: number
   #client: ScriptedClient
   #steps: Step[] = []
+  #sendScheduled = false
   #sendSteps = (): void => { this.#send() }
+  // Deletes of inserts whose call timed out or failed, sent with the next call made while the
+  // client is connected, before that call's own steps.
+  #undos: Undo[] = []
+  #undoWhenReady = false
   // The responses of a route mostly carry the same headers, which the plugin hands over as one
   // object: the last set is kept with its JSON text, so that it is neither written nor parsed again.
   #headers: StoredResponse['headers'] | undefined
@@ -195,12 +219,12 @@ export class RedisStore implements IdempotencyStore {
 
   async insert (key: string, record: NewRecord): Promise<InsertResult> {
     const redisKey = this.prefix + key
+    // An insert whose call times out or fails may have run, or may still run (ioredis sends
+    // again what a dropped connection left unanswered): a delete sent after it, on the same
+    // connection, runs after it, so that a request that got no answer holds no key.
+    const undo: Undo = { key: redisKey, owner: record.owner, expiresAt: record.expiresAt, attempts: 0 }
     const reply = await this.#step('insert', redisKey,
-      ['i', record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0], 0, () => {
-        // The insert may still run once Redis answers: a delete sent after it, on the same
-        // connection, runs after it and removes the record, so a timed-out request holds no key.
-        this.#step('delete', redisKey, ['d', record.owner], 0, undefined).catch(() => {})
-      })
+      ['i', record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0], 0, undo)
     return reply === 1 ? INSERTED : { inserted: false, record: this.#toRecord(reply as Buffer) }
   }
 
@@ -277,19 +301,42 @@ export class RedisStore implements IdempotencyStore {
     }
   }
 
-  #step (operation: string, key: string, argv: StepArgument[], bytes: number, onTimeout: (() => void) | undefined): Promise<StepReply> {
+  #step (operation: string, key: string, argv: StepArgument[], bytes: number, undo: Undo | undefined): Promise<StepReply> {
     const status = this.#client.status
     if (DISCONNECTED.has(status)) return Promise.reject(new Error(`redis ${operation} failed: the client is ${status}`))
     return new Promise((resolve, reject) => {
-      // The first step of a turn schedules the call; it goes out once the turn's I/O is done.
-      if (this.#steps.length === 0) setImmediate(this.#sendSteps)
-      this.#steps.push({ operation, key, argv, bytes, resolve, reject, onTimeout })
+      this.#scheduleSend()
+      this.#steps.push({ operation, key, argv, bytes, resolve, reject, undo })
     })
   }
 
+  // The first step of a turn schedules the call; it goes out once the turn's I/O is done.
+  #scheduleSend (): void {
+    if (this.#sendScheduled) return
+    this.#sendScheduled = true
+    setImmediate(this.#sendSteps)
+  }
+
+  #waitToUndo (undo: Undo): void {
+    if (undo.attempts >= MAX_UNDO_ATTEMPTS || this.#undos.length >= MAX_UNDO_WAITING) return
+    this.#undos.push(undo)
+    if (!DISCONNECTED.has(this.#client.status)) {
+      this.#scheduleSend()
+    } else if (!this.#undoWhenReady && this.#client.once !== undefined) {
+      this.#undoWhenReady = true
+      this.#client.once('ready', () => {
+        this.#undoWhenReady = false
+        this.#scheduleSend()
+      })
+    }
+  }
+
   #send (): void {
-    const steps = this.#steps
+    this.#sendScheduled = false
+    let steps = this.#steps
     this.#steps = []
+    if (this.#undos.length > 0 && !DISCONNECTED.has(this.#client.status)) steps = this.#withUndos(steps)
+    if (steps.length === 0) return
     const perCall = this.#client.isCluster === true ? 1 : MAX_CALL_STEPS
     let first = 0
     let bytes = 0
@@ -303,6 +350,21 @@ export class RedisStore implements IdempotencyStore {
     }
   }
 
+  #withUndos (steps: Step[]): Step[] {
+    const undos = this.#undos.splice(0, MAX_UNDO_PER_CALL)
+    const now = Date.now()
+    const deletes: Step[] = []
+    for (const undo of undos) {
+      if (undo.expiresAt <= now) continue
+      const retry: Undo = { ...undo, attempts: undo.attempts + 1 }
+      deletes.push({ operation: 'delete', key: undo.key, argv: ['d', undo.owner], bytes: 0, resolve: ignore, reject: ignore, undo: retry })
+    }
+    // More wait than one call takes: the next call takes them.
+    if (this.#undos.length > 0) this.#scheduleSend()
+    for (const step of steps) deletes.push(step)
+    return deletes
+  }
+
   #call (steps: Step[]): void {
     const arguments_: StepArgument[] = [steps.length]
     for (const step of steps) arguments_.push(step.key)
@@ -311,7 +373,7 @@ export class RedisStore implements IdempotencyStore {
     const timer = setTimeout(() => {
       pending = false
       for (const step of steps) {
-        step.onTimeout?.()
+        if (step.undo !== undefined) this.#waitToUndo(step.undo)
         step.reject(new Error(`redis ${step.operation} timed out after ${this.timeout} ms`))
       }
     }, this.timeout)
@@ -335,7 +397,10 @@ export class RedisStore implements IdempotencyStore {
       if (!pending) return
       pending = false
       clearTimeout(timer)
-      for (const step of steps) step.reject(error)
+      for (const step of steps) {
+        if (step.undo !== undefined) this.#waitToUndo(step.undo)
+        step.reject(error)
+      }
     })
   }
 }

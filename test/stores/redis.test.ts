@@ -3,6 +3,7 @@ import { Cluster, Redis } from 'ioredis'
 import { RedisStore, type IdempotencyStore } from '../../lib/index.js'
 import { runConformance } from './conformance.js'
 import { requireRedis, startRedis, startRedisCluster, type RedisClusterServers, type RedisServer } from '../helpers/redis-server.js'
+import { startProxy } from '../helpers/proxy.js'
 import { sleep } from '../helpers/timing.js'
 
 if (requireRedis(t)) {
@@ -175,6 +176,55 @@ if (requireRedis(t)) {
 
   const record = (owner: string) => ({ fingerprint: 'f', owner, expiresAt: Date.now() + 60_000, lease: 60_000, takeOverExpiredLease: false })
 
+  t.test('an insert whose answer was lost with its connection holds no key once the client is back', async (t) => {
+    const proxy = await startProxy(server.port)
+    // Reconnecting takes longer than the timeout: the insert times out while the client is down.
+    const client = new Redis({ host: '127.0.0.1', port: proxy.port, retryStrategy: () => 300 })
+    const admin = new Redis({ host: '127.0.0.1', port: server.port })
+    t.teardown(async () => { client.disconnect(); admin.disconnect(); await proxy.close() })
+    const store = new RedisStore({ client, timeout: 100, prefix: 'lost:' })
+    await store.lookup('warm')
+    proxy.dropReplies()
+    const inserts = [store.insert('k', record('first')), store.insert('k2', record('second'))]
+    for (let attempt = 0; attempt < 50 && await admin.exists('lost:k', 'lost:k2') < 2; attempt++) await sleep(5)
+    t.match(await admin.mget('lost:k', 'lost:k2'), [/^p\n/, /^p\n/], 'Redis ran the inserts; their answers are lost')
+    await proxy.cut()
+    for (const insert of inserts) await t.rejects(insert, /redis insert timed out after 100 ms/)
+    t.equal(client.status, 'reconnecting', 'they timed out while the client was reconnecting')
+    await proxy.heal()
+    for (let attempt = 0; attempt < 100 && (client.status !== 'ready' || await admin.exists('lost:k', 'lost:k2') > 0); attempt++) await sleep(10)
+    t.equal(client.status, 'ready')
+    t.same(await admin.mget('lost:k', 'lost:k2'), [null, null], 'deleted once the client was ready, without waiting for another operation')
+    t.same(await store.insert('k', record('retry')), { inserted: true }, 'a retry runs')
+  })
+
+  t.test('a delete of a lost insert is sent again when its own call fails too', async (t) => {
+    const client = new Redis({ host: '127.0.0.1', port: server.port })
+    t.teardown(() => client.disconnect())
+    const store = new RedisStore({ client, timeout: 100, prefix: 'undo:' })
+    await store.lookup('warm')
+    const counter = countingClient(client)
+    const scripted = client as unknown as { idempotencyStepsBuffer: (...arguments_: unknown[]) => Promise<unknown> }
+    const call = scripted.idempotencyStepsBuffer
+    const sent: unknown[][] = []
+    let failures = 2
+    scripted.idempotencyStepsBuffer = (...arguments_: unknown[]) => {
+      sent.push(arguments_)
+      // Redis runs each call; the first two answers are lost with their connection.
+      const answer = call.apply(client, arguments_)
+      return failures-- > 0 ? answer.then(() => { throw new Error('Connection is closed.') }) : answer
+    }
+    await t.rejects(store.insert('k', record('first')), /Connection is closed/)
+    for (let attempt = 0; attempt < 50 && sent.length < 3; attempt++) await sleep(5)
+    t.same(sent.map((arguments_) => [arguments_[0], arguments_[1], arguments_[2]]), [
+      [1, 'undo:k', 'i'], [1, 'undo:k', 'd'], [1, 'undo:k', 'd']
+    ], 'the insert, then its delete in a call of its own, sent again after that call failed too')
+    t.equal(await client.get('undo:k'), null, 'deleted')
+    const [inserted] = await Promise.all([store.insert('k', record('retry')), store.insert('other', record('other'))])
+    t.same(inserted, { inserted: true })
+    t.equal(counter.calls(), 4)
+  })
+
   t.test('operations that arrive in one turn of the event loop share one script call', async (t) => {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => client.disconnect())
@@ -312,4 +362,73 @@ t.test('a client that throws instead of rejecting fails the operations of its ca
     store.delete('b', 'owner').then(() => undefined, (error: unknown) => (error as Error).message)
   ])
   t.same(failures, ['not connected', 'not connected'])
+})
+
+/** A client whose calls fail as a dropped connection fails them; it records the keys of each call. */
+function losingClient (status = 'ready'): { status: string, keys: string[][], defineCommand: () => void, idempotencyStepsBuffer: (...arguments_: unknown[]) => Promise<unknown> } {
+  const client = {
+    status,
+    keys: [] as string[][],
+    defineCommand () {},
+    idempotencyStepsBuffer (...arguments_: unknown[]) {
+      client.keys.push(arguments_.slice(1, 1 + (arguments_[0] as number)) as string[])
+      return Promise.reject(new Error('Connection is closed.'))
+    }
+  }
+  return client
+}
+
+async function quiet (client: { keys: unknown[] }): Promise<void> {
+  for (let seen = -1; seen !== client.keys.length;) {
+    seen = client.keys.length
+    await sleep(20)
+  }
+}
+
+t.test('deletes of lost inserts are bounded: 16 per call, 5 calls each, none for a record that expired', async (t) => {
+  const client = losingClient()
+  const store = new RedisStore({ client, prefix: '' })
+  await t.rejects(store.insert('alone', { fingerprint: 'f', owner: 'o', expiresAt: Date.now() - 1, lease: 1000, takeOverExpiredLease: false }))
+  await quiet(client)
+  t.same(client.keys, [['alone']], 'a lost insert whose record expired meanwhile is not deleted')
+  client.keys.length = 0
+  const inserts = ['expired', ...Array.from({ length: 19 }, (_, index) => `k${index}`)].map(async (key) =>
+    await store.insert(key, { fingerprint: 'f', owner: key, expiresAt: Date.now() + (key === 'expired' ? -1 : 60_000), lease: 1000, takeOverExpiredLease: false })
+      .catch((error: unknown) => (error as Error).message))
+  t.same(new Set(await Promise.all(inserts)), new Set(['Connection is closed.']))
+  await quiet(client)
+  const [first, ...deletes] = client.keys
+  t.equal(first?.length, 20, 'the inserts went in one call')
+  t.ok(deletes.every((keys) => keys.length <= 16), 'at most 16 deletes per call')
+  const sent = new Map<string, number>()
+  for (const key of deletes.flat()) sent.set(key, (sent.get(key) ?? 0) + 1)
+  t.equal(sent.has('expired'), false, 'no delete for a record that expired meanwhile')
+  t.same([...sent.values()], Array.from({ length: 19 }, () => 5), 'each delete was tried in 5 calls, then given up')
+})
+
+t.test('at most 10 000 deletes of lost inserts wait at a time', async (t) => {
+  const client = losingClient()
+  const store = new RedisStore({ client, prefix: '' })
+  const expiresAt = Date.now() + 60_000
+  await Promise.all(Array.from({ length: 10_001 }, async (_, index) =>
+    await store.insert(`k${index}`, { fingerprint: 'f', owner: 'o', expiresAt, lease: 1000, takeOverExpiredLease: false }).catch(() => {})))
+  await quiet(client)
+  const inserts = Math.ceil(10_001 / 64)
+  const deleted = new Set(client.keys.slice(inserts).flat())
+  t.equal(deleted.size, 10_000)
+  t.equal(deleted.has('k10000'), false, 'the last one found no room')
+})
+
+t.test('a delete of a lost insert waits while the client reconnects, then goes before the next call\'s own steps', async (t) => {
+  // No `once`: the store cannot be told when the client is back, so the next call takes it.
+  const client = losingClient()
+  const store = new RedisStore({ client, prefix: '' })
+  const insert = store.insert('k', { fingerprint: 'f', owner: 'o', expiresAt: Date.now() + 60_000, lease: 1000, takeOverExpiredLease: false })
+  client.status = 'reconnecting'
+  await t.rejects(insert, /Connection is closed/)
+  await sleep(20)
+  t.same(client.keys, [['k']], 'nothing is sent while the client reconnects')
+  client.status = 'ready'
+  await t.rejects(store.lookup('other'))
+  t.same(client.keys, [['k'], ['k', 'other']])
 })
