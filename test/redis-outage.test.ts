@@ -2,6 +2,7 @@ import t from 'tap'
 import Fastify from 'fastify'
 import { Redis } from 'ioredis'
 import idempotency, { RedisStore } from '../lib/index.js'
+import { startProxy } from './helpers/proxy.js'
 import { requireRedis, startRedis } from './helpers/redis-server.js'
 import { key, sleep } from './helpers/timing.js'
 
@@ -46,5 +47,38 @@ if (requireRedis(t)) {
     t.equal(after.statusCode, 201, 'requests succeed again without restarting the app')
     t.equal(after.headers['idempotent-replayed'], undefined)
     t.same(runs, { before: 1, during: 1 })
+  })
+
+  t.test('a request whose insert ran but whose answer was lost with the connection gets 503, and its retry runs once', async (t) => {
+    const server = await startRedis()
+    const proxy = await startProxy(server.port)
+    t.teardown(async () => { await proxy.close(); await server.stop() })
+    const client = new Redis({ host: '127.0.0.1', port: proxy.port, retryStrategy: () => 300 })
+    const app = Fastify()
+    await app.register(idempotency, { store: new RedisStore({ client, timeout: 100 }) })
+    t.teardown(async () => { await app.close(); client.disconnect() })
+    let runs = 0
+    app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
+      runs++
+      return reply.code(201).send({ order: runs })
+    })
+    const send = async () => await app.inject({ method: 'POST', url: '/orders', headers: key('lost'), payload: { amount: 1 } })
+    t.equal((await app.inject({ method: 'POST', url: '/orders', headers: key('warm'), payload: { amount: 1 } })).statusCode, 201, 'connected')
+    runs = 0
+
+    proxy.dropReplies()
+    const lost = send()
+    await sleep(30)
+    await proxy.cut()
+    const response = await lost
+    t.equal(response.statusCode, 503)
+    t.equal(response.json().code, 'FST_IDEMPOTENCY_STORE_UNAVAILABLE')
+    await proxy.heal()
+    for (let attempt = 0; attempt < 100 && client.status !== 'ready'; attempt++) await sleep(20)
+    await sleep(20)
+    const retry = await send()
+    t.equal(retry.statusCode, 201, 'not 409 nor HALTED: the key was freed')
+    t.equal(runs, 1, 'the handler ran once, for the retry')
+    t.equal((await send()).headers['idempotent-replayed'], 'true')
   })
 }
