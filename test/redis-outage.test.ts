@@ -54,9 +54,10 @@ if (requireRedis(t)) {
     const proxy = await startProxy(server.port)
     t.teardown(async () => { await proxy.close(); await server.stop() })
     const client = new Redis({ host: '127.0.0.1', port: proxy.port, retryStrategy: () => 300 })
+    const admin = new Redis({ host: '127.0.0.1', port: server.port })
     const app = Fastify()
     await app.register(idempotency, { store: new RedisStore({ client, timeout: 100 }) })
-    t.teardown(async () => { await app.close(); client.disconnect() })
+    t.teardown(async () => { await app.close(); client.disconnect(); admin.disconnect() })
     let runs = 0
     app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
       runs++
@@ -73,9 +74,10 @@ if (requireRedis(t)) {
     const response = await lost
     t.equal(response.statusCode, 503)
     t.equal(response.json().code, 'FST_IDEMPOTENCY_STORE_UNAVAILABLE')
+    t.equal(await admin.dbsize(), 2, 'Redis ran the insert')
     await proxy.heal()
-    for (let attempt = 0; attempt < 100 && client.status !== 'ready'; attempt++) await sleep(20)
-    await sleep(20)
+    for (let attempt = 0; attempt < 100 && (client.status !== 'ready' || await admin.dbsize() > 1); attempt++) await sleep(20)
+    t.equal(await admin.dbsize(), 1, 'its record was deleted once the client was back')
     const retry = await send()
     t.equal(retry.statusCode, 201, 'not 409 nor HALTED: the key was freed')
     t.equal(runs, 1, 'the handler ran once, for the retry')

@@ -150,7 +150,10 @@ interface Step {
   bytes: number
   resolve: (reply: StepReply) => void
   reject: (error: Error) => void
-  /** What to undo when the step's call times out or fails, so that Redis may have run it unseen. */
+  /**
+   * The delete that follows the step when its call fails (it may have run unseen), and, for an
+   * insert, when its call answers after the step timed out.
+   */
   undo: Undo | undefined
 }
 
@@ -198,10 +201,11 @@ export class RedisStore implements IdempotencyStore {
   #steps: Step[] = []
   #sendScheduled = false
   #sendSteps = (): void => { this.#send() }
-  // Deletes of inserts whose call timed out or failed, sent with the next call made while the
-  // client is connected, before that call's own steps.
+  // Deletes of inserts whose call timed out or failed: they go out once the client is ready,
+  // ahead of that call's own steps. One whose own call failed too is tried again a timeout later.
   #undos: Undo[] = []
   #undoWhenReady = false
+  #undoRetry: ReturnType<typeof setTimeout> | undefined
   // The responses of a route mostly carry the same headers, which the plugin hands over as one
   // object: the last set is kept with its JSON text, so that it is neither written nor parsed again.
   #headers: StoredResponse['headers'] | undefined
@@ -220,8 +224,8 @@ export class RedisStore implements IdempotencyStore {
   async insert (key: string, record: NewRecord): Promise<InsertResult> {
     const redisKey = this.prefix + key
     // An insert whose call times out or fails may have run, or may still run (ioredis sends
-    // again what a dropped connection left unanswered): a delete sent after it, on the same
-    // connection, runs after it, so that a request that got no answer holds no key.
+    // again what a dropped connection left unanswered): once ioredis is done with its call, a
+    // delete-if-owner follows it, so that a request that got no answer holds no key.
     const undo: Undo = { key: redisKey, owner: record.owner, expiresAt: record.expiresAt, attempts: 0 }
     const reply = await this.#step('insert', redisKey,
       ['i', record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0], 0, undo)
@@ -320,22 +324,26 @@ export class RedisStore implements IdempotencyStore {
   #waitToUndo (undo: Undo): void {
     if (undo.attempts >= MAX_UNDO_ATTEMPTS || this.#undos.length >= MAX_UNDO_WAITING) return
     this.#undos.push(undo)
-    if (!DISCONNECTED.has(this.#client.status)) {
+    if (undo.attempts === 0) {
       this.#scheduleSend()
-    } else if (!this.#undoWhenReady && this.#client.once !== undefined) {
-      this.#undoWhenReady = true
-      this.#client.once('ready', () => {
-        this.#undoWhenReady = false
+    } else {
+      this.#undoRetry ??= setTimeout(() => {
+        this.#undoRetry = undefined
         this.#scheduleSend()
-      })
+      }, this.timeout).unref()
     }
   }
 
+  // Deletes wait for `ready`: a client that is connecting would queue them (or, without its
+  // offline queue, fail them at once, spending their attempts).
   #send (): void {
     this.#sendScheduled = false
     let steps = this.#steps
     this.#steps = []
-    if (this.#undos.length > 0 && !DISCONNECTED.has(this.#client.status)) steps = this.#withUndos(steps)
+    if (this.#undos.length > 0) {
+      if (this.#client.status === 'ready') steps = this.#withUndos(steps)
+      else this.#sendWhenReady()
+    }
     if (steps.length === 0) return
     const perCall = this.#client.isCluster === true ? 1 : MAX_CALL_STEPS
     let first = 0
@@ -348,6 +356,15 @@ export class RedisStore implements IdempotencyStore {
         bytes = 0
       }
     }
+  }
+
+  #sendWhenReady (): void {
+    if (this.#undoWhenReady || this.#client.once === undefined) return
+    this.#undoWhenReady = true
+    this.#client.once('ready', () => {
+      this.#undoWhenReady = false
+      this.#scheduleSend()
+    })
   }
 
   #withUndos (steps: Step[]): Step[] {
@@ -372,10 +389,7 @@ export class RedisStore implements IdempotencyStore {
     let pending = true
     const timer = setTimeout(() => {
       pending = false
-      for (const step of steps) {
-        if (step.undo !== undefined) this.#waitToUndo(step.undo)
-        step.reject(new Error(`redis ${step.operation} timed out after ${this.timeout} ms`))
-      }
+      for (const step of steps) step.reject(new Error(`redis ${step.operation} timed out after ${this.timeout} ms`))
     }, this.timeout)
     let sent: Promise<StepReply[]>
     try {
@@ -384,8 +398,13 @@ export class RedisStore implements IdempotencyStore {
       // Thrown rather than rejected (by a client that is not ioredis): fail the steps, not the timer.
       sent = Promise.reject(error)
     }
+    // The deletes wait until ioredis is done with the call: it never sends it again after that, so
+    // a delete sent then runs after it, whatever connection or Cluster node either goes through.
     sent.then((replies) => {
-      if (!pending) return
+      if (!pending) {
+        for (const step of steps) if (step.operation === 'insert') this.#waitToUndo(step.undo as Undo)
+        return
+      }
       pending = false
       clearTimeout(timer)
       for (let index = 0; index < steps.length; index++) {
@@ -394,13 +413,11 @@ export class RedisStore implements IdempotencyStore {
         else (steps[index] as Step).resolve(reply)
       }
     }, (error: Error) => {
+      for (const step of steps) if (step.undo !== undefined) this.#waitToUndo(step.undo)
       if (!pending) return
       pending = false
       clearTimeout(timer)
-      for (const step of steps) {
-        if (step.undo !== undefined) this.#waitToUndo(step.undo)
-        step.reject(error)
-      }
+      for (const step of steps) step.reject(error)
     })
   }
 }

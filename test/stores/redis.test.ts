@@ -1,3 +1,4 @@
+import { EventEmitter } from 'node:events'
 import t, { type Test } from 'tap'
 import { Cluster, Redis } from 'ioredis'
 import { RedisStore, type IdempotencyStore } from '../../lib/index.js'
@@ -178,21 +179,21 @@ if (requireRedis(t)) {
 
   t.test('an insert whose answer was lost with its connection holds no key once the client is back', async (t) => {
     const proxy = await startProxy(server.port)
-    // Reconnecting takes longer than the timeout: the insert times out while the client is down.
-    const client = new Redis({ host: '127.0.0.1', port: proxy.port, retryStrategy: () => 300 })
+    // Reconnecting takes longer than the timeout: the inserts time out while the client is down.
+    const client = new Redis({ host: '127.0.0.1', port: proxy.port, retryStrategy: () => 1000 })
     const admin = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(async () => { client.disconnect(); admin.disconnect(); await proxy.close() })
-    const store = new RedisStore({ client, timeout: 100, prefix: 'lost:' })
+    const store = new RedisStore({ client, timeout: 500, prefix: 'lost:' })
     await store.lookup('warm')
     proxy.dropReplies()
     const inserts = [store.insert('k', record('first')), store.insert('k2', record('second'))]
     for (let attempt = 0; attempt < 50 && await admin.exists('lost:k', 'lost:k2') < 2; attempt++) await sleep(5)
     t.match(await admin.mget('lost:k', 'lost:k2'), [/^p\n/, /^p\n/], 'Redis ran the inserts; their answers are lost')
     await proxy.cut()
-    for (const insert of inserts) await t.rejects(insert, /redis insert timed out after 100 ms/)
+    for (const insert of inserts) await t.rejects(insert, /redis insert timed out after 500 ms/)
     t.equal(client.status, 'reconnecting', 'they timed out while the client was reconnecting')
     await proxy.heal()
-    for (let attempt = 0; attempt < 100 && (client.status !== 'ready' || await admin.exists('lost:k', 'lost:k2') > 0); attempt++) await sleep(10)
+    for (let attempt = 0; attempt < 300 && (client.status !== 'ready' || await admin.exists('lost:k', 'lost:k2') > 0); attempt++) await sleep(10)
     t.equal(client.status, 'ready')
     t.same(await admin.mget('lost:k', 'lost:k2'), [null, null], 'deleted once the client was ready, without waiting for another operation')
     t.same(await store.insert('k', record('retry')), { inserted: true }, 'a retry runs')
@@ -215,10 +216,10 @@ if (requireRedis(t)) {
       return failures-- > 0 ? answer.then(() => { throw new Error('Connection is closed.') }) : answer
     }
     await t.rejects(store.insert('k', record('first')), /Connection is closed/)
-    for (let attempt = 0; attempt < 50 && sent.length < 3; attempt++) await sleep(5)
+    for (let attempt = 0; attempt < 100 && sent.length < 3; attempt++) await sleep(10)
     t.same(sent.map((arguments_) => [arguments_[0], arguments_[1], arguments_[2]]), [
       [1, 'undo:k', 'i'], [1, 'undo:k', 'd'], [1, 'undo:k', 'd']
-    ], 'the insert, then its delete in a call of its own, sent again after that call failed too')
+    ], 'the insert, then its delete in a call of its own, sent again a timeout after that call failed too')
     t.equal(await client.get('undo:k'), null, 'deleted')
     const [inserted] = await Promise.all([store.insert('k', record('retry')), store.insert('other', record('other'))])
     t.same(inserted, { inserted: true })
@@ -365,29 +366,40 @@ t.test('a client that throws instead of rejecting fails the operations of its ca
 })
 
 /** A client whose calls fail as a dropped connection fails them; it records the keys of each call. */
-function losingClient (status = 'ready'): { status: string, keys: string[][], defineCommand: () => void, idempotencyStepsBuffer: (...arguments_: unknown[]) => Promise<unknown> } {
-  const client = {
-    status,
-    keys: [] as string[][],
+interface LosingClient {
+  status: string
+  keys: string[][]
+  defineCommand: () => void
+  idempotencyStepsBuffer: (...arguments_: unknown[]) => Promise<unknown>
+  once?: (event: 'ready', listener: () => void) => unknown
+}
+
+/** Without `once`, unless given one: the store then cannot be told when the client is ready. */
+function losingClient (once?: LosingClient['once']): LosingClient {
+  const client: LosingClient = {
+    status: 'ready',
+    keys: [],
     defineCommand () {},
     idempotencyStepsBuffer (...arguments_: unknown[]) {
       client.keys.push(arguments_.slice(1, 1 + (arguments_[0] as number)) as string[])
       return Promise.reject(new Error('Connection is closed.'))
     }
   }
+  if (once !== undefined) client.once = once
   return client
 }
 
+// Until no call was made for a while: longer than the stores' timeout, after which a failed delete is tried again.
 async function quiet (client: { keys: unknown[] }): Promise<void> {
   for (let seen = -1; seen !== client.keys.length;) {
     seen = client.keys.length
-    await sleep(20)
+    await sleep(100)
   }
 }
 
 t.test('deletes of lost inserts are bounded: 16 per call, 5 calls each, none for a record that expired', async (t) => {
   const client = losingClient()
-  const store = new RedisStore({ client, prefix: '' })
+  const store = new RedisStore({ client, prefix: '', timeout: 20 })
   await t.rejects(store.insert('alone', { fingerprint: 'f', owner: 'o', expiresAt: Date.now() - 1, lease: 1000, takeOverExpiredLease: false }))
   await quiet(client)
   t.same(client.keys, [['alone']], 'a lost insert whose record expired meanwhile is not deleted')
@@ -408,7 +420,7 @@ t.test('deletes of lost inserts are bounded: 16 per call, 5 calls each, none for
 
 t.test('at most 10 000 deletes of lost inserts wait at a time', async (t) => {
   const client = losingClient()
-  const store = new RedisStore({ client, prefix: '' })
+  const store = new RedisStore({ client, prefix: '', timeout: 20 })
   const expiresAt = Date.now() + 60_000
   await Promise.all(Array.from({ length: 10_001 }, async (_, index) =>
     await store.insert(`k${index}`, { fingerprint: 'f', owner: 'o', expiresAt, lease: 1000, takeOverExpiredLease: false }).catch(() => {})))
@@ -422,7 +434,7 @@ t.test('at most 10 000 deletes of lost inserts wait at a time', async (t) => {
 t.test('a delete of a lost insert waits while the client reconnects, then goes before the next call\'s own steps', async (t) => {
   // No `once`: the store cannot be told when the client is back, so the next call takes it.
   const client = losingClient()
-  const store = new RedisStore({ client, prefix: '' })
+  const store = new RedisStore({ client, prefix: '', timeout: 20 })
   const insert = store.insert('k', { fingerprint: 'f', owner: 'o', expiresAt: Date.now() + 60_000, lease: 1000, takeOverExpiredLease: false })
   client.status = 'reconnecting'
   await t.rejects(insert, /Connection is closed/)
@@ -431,4 +443,22 @@ t.test('a delete of a lost insert waits while the client reconnects, then goes b
   client.status = 'ready'
   await t.rejects(store.lookup('other'))
   t.same(client.keys, [['k'], ['k', 'other']])
+})
+
+t.test('a delete of a lost insert goes out when the client tells it is ready, not while it connects', async (t) => {
+  const events = new EventEmitter()
+  const client = losingClient((event, listener) => events.once(event, listener))
+  const store = new RedisStore({ client, prefix: '', timeout: 20 })
+  const record = { fingerprint: 'f', owner: 'o', expiresAt: Date.now() + 60_000, lease: 1000, takeOverExpiredLease: false }
+  const inserts = [store.insert('k', record), store.insert('k2', record)]
+  client.status = 'reconnecting'
+  for (const insert of inserts) await t.rejects(insert)
+  client.status = 'connect'
+  await t.rejects(store.lookup('other'), /Connection is closed/, 'ioredis would queue this call, or fail it without its offline queue')
+  t.same(client.keys, [['k', 'k2'], ['other']], 'no delete while the client connects')
+  t.equal(events.listenerCount('ready'), 1, 'one listener, however often the store waits')
+  client.status = 'ready'
+  events.emit('ready')
+  await sleep(10)
+  t.same(client.keys.at(-1), ['k', 'k2'], 'the deletes went out once it was ready')
 })
