@@ -6,7 +6,7 @@ import { connections, load, rate, start } from './servers.js'
 const seconds = Number(process.env.BENCH_SECONDS ?? 3)
 const runs = Number(process.env.BENCH_RUNS ?? 3)
 const warmup = Number(process.env.BENCH_WARMUP ?? 2)
-const variants = (process.env.BENCH_VARIANTS ?? 'memory,redis,postgres').split(',')
+const variants = (process.env.BENCH_VARIANTS ?? 'control,memory,redis,postgres').split(',')
 const scenarios = (process.env.BENCH_SCENARIOS ?? 'fresh,replay,none').split(',')
 
 const median = (values) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]

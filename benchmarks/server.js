@@ -1,4 +1,4 @@
-// One benchmark server in its own process: `node benchmarks/server.js <bare|memory|full|discard|redis|postgres>`.
+// One benchmark server in its own process: `node benchmarks/server.js <bare|control|memory|full|discard|redis|postgres>`.
 // It reports its port over IPC and answers { cpu } with its own CPU time, so the runner measures
 // only this process's work, not autocannon's.
 import Fastify from 'fastify'
@@ -9,7 +9,8 @@ import idempotency, { MemoryStore, PostgresStore, RedisStore } from '../dist/ind
 const variant = process.argv[2] ?? 'bare'
 const app = Fastify({ logger: false })
 
-if (variant !== 'bare') {
+// `control` is bare Fastify again, measured as a variant: its ratio to bare is the run's noise.
+if (variant !== 'bare' && variant !== 'control') {
   await app.register(idempotency, { store: await storeFor(variant), required: false })
 }
 
