@@ -150,11 +150,8 @@ interface Step {
   bytes: number
   resolve: (reply: StepReply) => void
   reject: (error: Error) => void
-  /**
-   * The delete that follows the step when its call fails (it may have run unseen), and, for an
-   * insert, when its call answers after the step timed out.
-   */
-  undo: Undo | undefined
+  /** A delete of a lost insert: tried again when its call fails. */
+  retry: Undo | undefined
 }
 
 /** The command `defineCommand` adds to the client: numkeys, the keys, then ARGV. */
@@ -222,13 +219,9 @@ export class RedisStore implements IdempotencyStore {
   }
 
   async insert (key: string, record: NewRecord): Promise<InsertResult> {
-    const redisKey = this.prefix + key
-    // An insert whose call times out or fails may have run, or may still run (ioredis sends
-    // again what a dropped connection left unanswered): once ioredis is done with its call, a
-    // delete-if-owner follows it, so that a request that got no answer holds no key.
-    const undo: Undo = { key: redisKey, owner: record.owner, expiresAt: record.expiresAt, attempts: 0 }
-    const reply = await this.#step('insert', redisKey,
-      ['i', record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0], 0, undo)
+    // #lostInsert reads the owner and expiresAt back from argv[2] and argv[3].
+    const reply = await this.#step('insert', this.prefix + key,
+      ['i', record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0], 0, undefined)
     return reply === 1 ? INSERTED : { inserted: false, record: this.#toRecord(reply as Buffer) }
   }
 
@@ -305,12 +298,12 @@ export class RedisStore implements IdempotencyStore {
     }
   }
 
-  #step (operation: string, key: string, argv: StepArgument[], bytes: number, undo: Undo | undefined): Promise<StepReply> {
+  #step (operation: string, key: string, argv: StepArgument[], bytes: number, retry: Undo | undefined): Promise<StepReply> {
     const status = this.#client.status
     if (DISCONNECTED.has(status)) return Promise.reject(new Error(`redis ${operation} failed: the client is ${status}`))
     return new Promise((resolve, reject) => {
       this.#scheduleSend()
-      this.#steps.push({ operation, key, argv, bytes, resolve, reject, undo })
+      this.#steps.push({ operation, key, argv, bytes, resolve, reject, retry })
     })
   }
 
@@ -374,12 +367,20 @@ export class RedisStore implements IdempotencyStore {
     for (const undo of undos) {
       if (undo.expiresAt <= now) continue
       const retry: Undo = { ...undo, attempts: undo.attempts + 1 }
-      deletes.push({ operation: 'delete', key: undo.key, argv: ['d', undo.owner], bytes: 0, resolve: ignore, reject: ignore, undo: retry })
+      deletes.push({ operation: 'delete', key: undo.key, argv: ['d', undo.owner], bytes: 0, resolve: ignore, reject: ignore, retry })
     }
     // More wait than one call takes: the next call takes them.
     if (this.#undos.length > 0) this.#scheduleSend()
     for (const step of steps) deletes.push(step)
     return deletes
+  }
+
+  // An insert whose call times out or fails may have run, or may still run (ioredis sends again
+  // what a dropped connection left unanswered): once ioredis is done with its call, a
+  // delete-if-owner follows it, so that a request that got no answer holds no key.
+  #lostInsert (step: Step): void {
+    if (step.operation !== 'insert') return
+    this.#waitToUndo({ key: step.key, owner: step.argv[2] as string, expiresAt: step.argv[3] as number, attempts: 0 })
   }
 
   #call (steps: Step[]): void {
@@ -402,7 +403,7 @@ export class RedisStore implements IdempotencyStore {
     // a delete sent then runs after it, whatever connection or Cluster node either goes through.
     sent.then((replies) => {
       if (!pending) {
-        for (const step of steps) if (step.operation === 'insert') this.#waitToUndo(step.undo as Undo)
+        for (const step of steps) this.#lostInsert(step)
         return
       }
       pending = false
@@ -413,7 +414,10 @@ export class RedisStore implements IdempotencyStore {
         else (steps[index] as Step).resolve(reply)
       }
     }, (error: Error) => {
-      for (const step of steps) if (step.undo !== undefined) this.#waitToUndo(step.undo)
+      for (const step of steps) {
+        if (step.retry !== undefined) this.#waitToUndo(step.retry)
+        else this.#lostInsert(step)
+      }
       if (!pending) return
       pending = false
       clearTimeout(timer)
