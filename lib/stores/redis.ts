@@ -180,6 +180,10 @@ const MAX_UNDO_WAITING = 10_000
 const MAX_UNDO_PER_CALL = 16
 const MAX_UNDO_ATTEMPTS = 5
 const ignore = (): void => {}
+// ioredis's errors for a command it never wrote: its offline queue is off, or it gave up
+// reconnecting while the command waited there.
+const neverSent = (error: unknown): boolean => error instanceof Error &&
+  (error.name === 'MaxRetriesPerRequestError' || error.message.endsWith('enableOfflineQueue options is false'))
 const validateOptions = compileOptions(RedisStoreOptionsSchema, { subject: 'RedisStore', prefix: '' })
 
 /**
@@ -201,6 +205,8 @@ export class RedisStore implements IdempotencyStore {
   // Deletes of inserts whose call timed out or failed: they go out once the client is ready,
   // ahead of that call's own steps. One whose own call failed too is tried again a timeout later.
   #undos: Undo[] = []
+  // Deletes whose own call failed: back in #undos a timeout later.
+  #retrying: Undo[] = []
   #undoWhenReady = false
   #undoRetry: ReturnType<typeof setTimeout> | undefined
   // The responses of a route mostly carry the same headers, which the plugin hands over as one
@@ -315,16 +321,19 @@ export class RedisStore implements IdempotencyStore {
   }
 
   #waitToUndo (undo: Undo): void {
-    if (undo.attempts >= MAX_UNDO_ATTEMPTS || this.#undos.length >= MAX_UNDO_WAITING) return
-    this.#undos.push(undo)
+    if (undo.attempts >= MAX_UNDO_ATTEMPTS || this.#undos.length + this.#retrying.length >= MAX_UNDO_WAITING) return
     if (undo.attempts === 0) {
+      this.#undos.push(undo)
       this.#scheduleSend()
-    } else {
-      this.#undoRetry ??= setTimeout(() => {
-        this.#undoRetry = undefined
-        this.#scheduleSend()
-      }, this.timeout).unref()
+      return
     }
+    this.#retrying.push(undo)
+    this.#undoRetry ??= setTimeout(() => {
+      this.#undoRetry = undefined
+      for (const retry of this.#retrying) this.#undos.push(retry)
+      this.#retrying = []
+      this.#scheduleSend()
+    }, this.timeout).unref()
   }
 
   // Deletes wait for `ready`: a client that is connecting would queue them (or, without its
@@ -393,13 +402,16 @@ export class RedisStore implements IdempotencyStore {
       for (const step of steps) step.reject(new Error(`redis ${step.operation} timed out after ${this.timeout} ms`))
     }, this.timeout)
     let sent: Promise<StepReply[]>
+    let thrown = false
     try {
       sent = this.#client.idempotencyStepsBuffer(...arguments_)
     } catch (error) {
       // Thrown rather than rejected (by a client that is not ioredis): fail the steps, not the timer.
+      thrown = true
       sent = Promise.reject(error)
     }
-    // The deletes wait until ioredis is done with the call: it never sends it again after that, so
+    // The deletes wait until ioredis is done with the call: it never sends it again after that (not
+    // so for a command ioredis itself timed out: the README says to leave commandTimeout unset), so
     // a delete sent then runs after it, whatever connection or Cluster node either goes through.
     sent.then((replies) => {
       if (!pending) {
@@ -414,9 +426,11 @@ export class RedisStore implements IdempotencyStore {
         else (steps[index] as Step).resolve(reply)
       }
     }, (error: Error) => {
+      // A call that never left this process wrote nothing; its deletes are still to be made.
+      const lost = !thrown && !neverSent(error)
       for (const step of steps) {
         if (step.retry !== undefined) this.#waitToUndo(step.retry)
-        else this.#lostInsert(step)
+        else if (lost) this.#lostInsert(step)
       }
       if (!pending) return
       pending = false

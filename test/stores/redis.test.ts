@@ -365,50 +365,53 @@ t.test('a client that throws instead of rejecting fails the operations of its ca
   t.same(failures, ['not connected', 'not connected'])
 })
 
-/** A client whose calls fail as a dropped connection fails them; it records the keys of each call. */
+/** A client whose calls fail as a dropped connection fails them; it records the keys and time of each call. */
 interface LosingClient {
   status: string
   keys: string[][]
+  times: number[]
   defineCommand: () => void
   idempotencyStepsBuffer: (...arguments_: unknown[]) => Promise<unknown>
   once?: (event: 'ready', listener: () => void) => unknown
 }
 
 /** Without `once`, unless given one: the store then cannot be told when the client is ready. */
-function losingClient (once?: LosingClient['once']): LosingClient {
+function losingClient (once?: LosingClient['once'], failure: () => unknown = () => new Error('Connection is closed.')): LosingClient {
   const client: LosingClient = {
     status: 'ready',
     keys: [],
+    times: [],
     defineCommand () {},
     idempotencyStepsBuffer (...arguments_: unknown[]) {
       client.keys.push(arguments_.slice(1, 1 + (arguments_[0] as number)) as string[])
-      return Promise.reject(new Error('Connection is closed.'))
+      client.times.push(Date.now())
+      return Promise.reject(failure())
     }
   }
   if (once !== undefined) client.once = once
   return client
 }
 
-// Until no call was made for a while: longer than the stores' timeout, after which a failed delete is tried again.
-async function quiet (client: { keys: unknown[] }): Promise<void> {
-  for (let seen = -1; seen !== client.keys.length;) {
-    seen = client.keys.length
-    await sleep(100)
-  }
+/** Until the client was called with `count` keys in all (or 20 s went by). */
+async function calledWith (client: LosingClient, count: number): Promise<void> {
+  const deadline = Date.now() + 20_000
+  while (client.keys.flat().length < count && Date.now() < deadline) await sleep(10)
 }
+
+const lostRecord = (owner: string, expiresAt = Date.now() + 60_000) => ({ fingerprint: 'f', owner, expiresAt, lease: 1000, takeOverExpiredLease: false })
 
 t.test('deletes of lost inserts are bounded: 16 per call, 5 calls each, none for a record that expired', async (t) => {
   const client = losingClient()
   const store = new RedisStore({ client, prefix: '', timeout: 20 })
-  await t.rejects(store.insert('alone', { fingerprint: 'f', owner: 'o', expiresAt: Date.now() - 1, lease: 1000, takeOverExpiredLease: false }))
-  await quiet(client)
+  await t.rejects(store.insert('alone', lostRecord('o', Date.now() - 1)))
+  await sleep(100)
   t.same(client.keys, [['alone']], 'a lost insert whose record expired meanwhile is not deleted')
   client.keys.length = 0
   const inserts = ['expired', ...Array.from({ length: 19 }, (_, index) => `k${index}`)].map(async (key) =>
-    await store.insert(key, { fingerprint: 'f', owner: key, expiresAt: Date.now() + (key === 'expired' ? -1 : 60_000), lease: 1000, takeOverExpiredLease: false })
-      .catch((error: unknown) => (error as Error).message))
+    await store.insert(key, lostRecord(key, Date.now() + (key === 'expired' ? -1 : 60_000))).catch((error: unknown) => (error as Error).message))
   t.same(new Set(await Promise.all(inserts)), new Set(['Connection is closed.']))
-  await quiet(client)
+  await calledWith(client, 20 + 19 * 5)
+  await sleep(100)
   const [first, ...deletes] = client.keys
   t.equal(first?.length, 20, 'the inserts went in one call')
   t.ok(deletes.every((keys) => keys.length <= 16), 'at most 16 deletes per call')
@@ -418,17 +421,52 @@ t.test('deletes of lost inserts are bounded: 16 per call, 5 calls each, none for
   t.same([...sent.values()], Array.from({ length: 19 }, () => 5), 'each delete was tried in 5 calls, then given up')
 })
 
+t.test('a delete whose own call failed is tried again a timeout later, however many deletes wait', async (t) => {
+  const client = losingClient()
+  const store = new RedisStore({ client, prefix: '', timeout: 200 })
+  await Promise.all(Array.from({ length: 17 }, async (_, index) => await store.insert(`k${index}`, lostRecord('o')).catch(() => {})))
+  await calledWith(client, 17 * 3)
+  const tried = new Map<string, number[]>()
+  client.keys.forEach((keys, call) => { for (const key of keys) tried.set(key, [...tried.get(key) ?? [], client.times[call] as number]) })
+  const gaps = [...tried.values()].flatMap((times) => times.slice(2).map((time, index) => time - (times[index + 1] as number)))
+  t.equal(gaps.length, 17, 'every key: its insert, its delete, and the delete again')
+  t.ok(gaps.every((gap) => gap >= 190), `a timeout between the tries of a delete: ${Math.min(...gaps)} ms at least`)
+})
+
+t.test('no delete follows an insert whose call never left the process', async (t) => {
+  const failures: Array<[string, () => unknown, boolean]> = [
+    ['no offline queue', () => new Error("Stream isn't writeable and enableOfflineQueue options is false"), false],
+    ['gave up reconnecting', () => Object.assign(new Error('Reached the max retries per request limit'), { name: 'MaxRetriesPerRequestError' }), false],
+    ['a connection lost', () => new Error('Connection is closed.'), true],
+    ['a failure that is not an Error', () => 'closed', true]
+  ]
+  for (const [name, failure, deleted] of failures) {
+    const client = losingClient(undefined, failure)
+    const store = new RedisStore({ client, prefix: '', timeout: 20 })
+    await t.rejects(store.insert('k', lostRecord('o')))
+    await sleep(50)
+    t.equal(client.keys.length > 1, deleted, `${name}: ${deleted ? 'deleted' : 'no delete'}`)
+  }
+  let calls = 0
+  const thrower = { status: 'ready', defineCommand () {}, idempotencyStepsBuffer () { calls++; throw new Error('not connected') } }
+  const store = new RedisStore({ client: thrower, prefix: '' })
+  await t.rejects(store.insert('k', lostRecord('o')), /not connected/)
+  await sleep(50)
+  t.equal(calls, 1, 'a client that throws: no delete')
+})
+
 t.test('at most 10 000 deletes of lost inserts wait at a time', async (t) => {
   const client = losingClient()
   const store = new RedisStore({ client, prefix: '', timeout: 20 })
   const expiresAt = Date.now() + 60_000
-  await Promise.all(Array.from({ length: 10_001 }, async (_, index) =>
-    await store.insert(`k${index}`, { fingerprint: 'f', owner: 'o', expiresAt, lease: 1000, takeOverExpiredLease: false }).catch(() => {})))
-  await quiet(client)
+  await Promise.all(Array.from({ length: 10_001 }, async (_, index) => await store.insert(`k${index}`, lostRecord('o', expiresAt)).catch(() => {})))
   const inserts = Math.ceil(10_001 / 64)
-  const deleted = new Set(client.keys.slice(inserts).flat())
-  t.equal(deleted.size, 10_000)
-  t.equal(deleted.has('k10000'), false, 'the last one found no room')
+  await calledWith(client, 10_001 + 10_000 * 5)
+  await sleep(100)
+  const deleted = client.keys.slice(inserts).flat()
+  t.equal(deleted.length, 50_000, 'each of them tried 5 times')
+  t.equal(new Set(deleted).size, 10_000)
+  t.equal(deleted.includes('k10000'), false, 'the last one found no room')
 })
 
 t.test('a delete of a lost insert waits while the client reconnects, then goes before the next call\'s own steps', async (t) => {
