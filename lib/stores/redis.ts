@@ -203,7 +203,7 @@ export class RedisStore implements IdempotencyStore {
   #sendScheduled = false
   #sendSteps = (): void => { this.#send() }
   // Deletes of inserts whose call timed out or failed: they go out once the client is ready,
-  // ahead of that call's own steps. One whose own call failed too is tried again a timeout later.
+  // ahead of that call's own steps.
   #undos: Undo[] = []
   // Deletes whose own call failed: back in #undos a timeout later.
   #retrying: Undo[] = []
@@ -227,12 +227,12 @@ export class RedisStore implements IdempotencyStore {
   async insert (key: string, record: NewRecord): Promise<InsertResult> {
     // #lostInsert reads the owner and expiresAt back from argv[2] and argv[3].
     const reply = await this.#step('insert', this.prefix + key,
-      ['i', record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0], 0, undefined)
+      ['i', record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0], 0)
     return reply === 1 ? INSERTED : { inserted: false, record: this.#toRecord(reply as Buffer) }
   }
 
   async lookup (key: string): Promise<IdempotencyRecord | undefined> {
-    const reply = await this.#step('lookup', this.prefix + key, ['l'], 0, undefined)
+    const reply = await this.#step('lookup', this.prefix + key, ['l'], 0)
     return reply === 0 ? undefined : this.#toRecord(reply as Buffer)
   }
 
@@ -248,11 +248,11 @@ export class RedisStore implements IdempotencyStore {
       argv = ['c', owner, update.expiresAt, statusCode, this.#headersToText(headers), body]
       bytes = body.length
     }
-    return await this.#step('update', this.prefix + key, argv, bytes, undefined) === 1
+    return await this.#step('update', this.prefix + key, argv, bytes) === 1
   }
 
   async delete (key: string, owner: string): Promise<boolean> {
-    return await this.#step('delete', this.prefix + key, ['d', owner], 0, undefined) === 1
+    return await this.#step('delete', this.prefix + key, ['d', owner], 0) === 1
   }
 
   /** Redis expires records itself. */
@@ -304,12 +304,12 @@ export class RedisStore implements IdempotencyStore {
     }
   }
 
-  #step (operation: string, key: string, argv: StepArgument[], bytes: number, retry: Undo | undefined): Promise<StepReply> {
+  #step (operation: string, key: string, argv: StepArgument[], bytes: number): Promise<StepReply> {
     const status = this.#client.status
     if (DISCONNECTED.has(status)) return Promise.reject(new Error(`redis ${operation} failed: the client is ${status}`))
     return new Promise((resolve, reject) => {
       this.#scheduleSend()
-      this.#steps.push({ operation, key, argv, bytes, resolve, reject, retry })
+      this.#steps.push({ operation, key, argv, bytes, resolve, reject, retry: undefined })
     })
   }
 
