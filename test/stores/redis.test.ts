@@ -7,6 +7,8 @@ import { requireRedis, startRedis, startRedisCluster, type RedisClusterServers, 
 import { startProxy } from '../helpers/proxy.js'
 import { sleep } from '../helpers/timing.js'
 
+const record = (owner: string, expiresAt = Date.now() + 60_000) => ({ fingerprint: 'f', owner, expiresAt, lease: 60_000, takeOverExpiredLease: false })
+
 if (requireRedis(t)) {
   let server: RedisServer
   let cluster: RedisClusterServers
@@ -175,7 +177,6 @@ if (requireRedis(t)) {
     return { calls: () => calls }
   }
 
-  const record = (owner: string) => ({ fingerprint: 'f', owner, expiresAt: Date.now() + 60_000, lease: 60_000, takeOverExpiredLease: false })
 
   t.test('an insert whose answer was lost with its connection holds no key once the client is back', async (t) => {
     const proxy = await startProxy(server.port)
@@ -398,17 +399,15 @@ async function calledWith (client: LosingClient, count: number): Promise<void> {
   while (client.keys.flat().length < count && Date.now() < deadline) await sleep(10)
 }
 
-const lostRecord = (owner: string, expiresAt = Date.now() + 60_000) => ({ fingerprint: 'f', owner, expiresAt, lease: 1000, takeOverExpiredLease: false })
-
 t.test('deletes of lost inserts are bounded: 16 per call, 5 calls each, none for a record that expired', async (t) => {
   const client = losingClient()
   const store = new RedisStore({ client, prefix: '', timeout: 20 })
-  await t.rejects(store.insert('alone', lostRecord('o', Date.now() - 1)))
+  await t.rejects(store.insert('alone', record('o', Date.now() - 1)))
   await sleep(100)
   t.same(client.keys, [['alone']], 'a lost insert whose record expired meanwhile is not deleted')
   client.keys.length = 0
   const inserts = ['expired', ...Array.from({ length: 19 }, (_, index) => `k${index}`)].map(async (key) =>
-    await store.insert(key, lostRecord(key, Date.now() + (key === 'expired' ? -1 : 60_000))).catch((error: unknown) => (error as Error).message))
+    await store.insert(key, record(key, Date.now() + (key === 'expired' ? -1 : 60_000))).catch((error: unknown) => (error as Error).message))
   t.same(new Set(await Promise.all(inserts)), new Set(['Connection is closed.']))
   await calledWith(client, 20 + 19 * 5)
   await sleep(100)
@@ -424,7 +423,7 @@ t.test('deletes of lost inserts are bounded: 16 per call, 5 calls each, none for
 t.test('a delete whose own call failed is tried again a timeout later, however many deletes wait', async (t) => {
   const client = losingClient()
   const store = new RedisStore({ client, prefix: '', timeout: 200 })
-  await Promise.all(Array.from({ length: 17 }, async (_, index) => await store.insert(`k${index}`, lostRecord('o')).catch(() => {})))
+  await Promise.all(Array.from({ length: 17 }, async (_, index) => await store.insert(`k${index}`, record('o')).catch(() => {})))
   await calledWith(client, 17 * 3)
   const tried = new Map<string, number[]>()
   client.keys.forEach((keys, call) => { for (const key of keys) tried.set(key, [...tried.get(key) ?? [], client.times[call] as number]) })
@@ -443,14 +442,14 @@ t.test('no delete follows an insert whose call never left the process', async (t
   for (const [name, failure, deleted] of failures) {
     const client = losingClient(undefined, failure)
     const store = new RedisStore({ client, prefix: '', timeout: 20 })
-    await t.rejects(store.insert('k', lostRecord('o')))
+    await t.rejects(store.insert('k', record('o')))
     await sleep(50)
     t.equal(client.keys.length > 1, deleted, `${name}: ${deleted ? 'deleted' : 'no delete'}`)
   }
   let calls = 0
   const thrower = { status: 'ready', defineCommand () {}, idempotencyStepsBuffer () { calls++; throw new Error('not connected') } }
   const store = new RedisStore({ client: thrower, prefix: '' })
-  await t.rejects(store.insert('k', lostRecord('o')), /not connected/)
+  await t.rejects(store.insert('k', record('o')), /not connected/)
   await sleep(50)
   t.equal(calls, 1, 'a client that throws: no delete')
 })
@@ -459,7 +458,7 @@ t.test('at most 10 000 deletes of lost inserts wait at a time', async (t) => {
   const client = losingClient()
   const store = new RedisStore({ client, prefix: '', timeout: 20 })
   const expiresAt = Date.now() + 60_000
-  await Promise.all(Array.from({ length: 10_001 }, async (_, index) => await store.insert(`k${index}`, lostRecord('o', expiresAt)).catch(() => {})))
+  await Promise.all(Array.from({ length: 10_001 }, async (_, index) => await store.insert(`k${index}`, record('o', expiresAt)).catch(() => {})))
   const inserts = Math.ceil(10_001 / 64)
   await calledWith(client, 10_001 + 10_000 * 5)
   await sleep(100)
@@ -473,7 +472,7 @@ t.test('a delete of a lost insert waits while the client reconnects, then goes b
   // No `once`: the store cannot be told when the client is back, so the next call takes it.
   const client = losingClient()
   const store = new RedisStore({ client, prefix: '', timeout: 20 })
-  const insert = store.insert('k', { fingerprint: 'f', owner: 'o', expiresAt: Date.now() + 60_000, lease: 1000, takeOverExpiredLease: false })
+  const insert = store.insert('k', record('o'))
   client.status = 'reconnecting'
   await t.rejects(insert, /Connection is closed/)
   await sleep(20)
@@ -487,8 +486,7 @@ t.test('a delete of a lost insert goes out when the client tells it is ready, no
   const events = new EventEmitter()
   const client = losingClient((event, listener) => events.once(event, listener))
   const store = new RedisStore({ client, prefix: '', timeout: 20 })
-  const record = { fingerprint: 'f', owner: 'o', expiresAt: Date.now() + 60_000, lease: 1000, takeOverExpiredLease: false }
-  const inserts = [store.insert('k', record), store.insert('k2', record)]
+  const inserts = [store.insert('k', record('o')), store.insert('k2', record('o'))]
   client.status = 'reconnecting'
   for (const insert of inserts) await t.rejects(insert)
   client.status = 'connect'
