@@ -41,12 +41,28 @@ interface Entry {
   renewed: boolean
   /** Eviction found it running or halted and set it aside in #held, out of the eviction order. */
   held: boolean
-  // A completed record's response, kept in the entry itself: a record is as few objects as can
-  // be, since every object kept is work for the garbage collector for as long as it lives.
+  // The response of a completed record with a Buffer body (one with a text body is packed into a
+  // string instead), kept in the entry itself: every object kept is work for the garbage
+  // collector for as long as it lives.
   statusCode: number
   headers: StoredResponse['headers'] | undefined
   body: StoredResponse['body'] | undefined
   size: number
+}
+
+/**
+ * A record as the store keeps it: an entry while it runs or once halted, and a completed record
+ * with a text body as one string (see `packCompleted`).
+ */
+type Slot = Entry | string
+
+type Headers = StoredResponse['headers']
+
+interface HeaderSet {
+  id: number
+  headers: Headers
+  /** Packed records that refer to it. */
+  uses: number
 }
 
 const validateOptions = compileOptions(MemoryStoreOptionsSchema, { subject: 'MemoryStore', prefix: '' })
@@ -75,7 +91,7 @@ export class MemoryStore implements IdempotencyStore {
   #logger: WarningLogger | undefined
   // Map order is the eviction order: a request's start, or its end for one that ran long or that
   // eviction set aside while it ran.
-  #records = new Map<string, Entry>()
+  #records = new Map<string, Slot>()
   // Running and halted records that eviction met: kept out of its way, so that no sweep steps
   // over them again (a store full of halted records would otherwise cost a whole sweep per
   // insert). A record leaves when it completes (to the back of #records), expires or goes.
@@ -85,7 +101,12 @@ export class MemoryStore implements IdempotencyStore {
   #heldSweepAt = Infinity
   // Where eviction goes on from. A Map marks deleted entries and compacts only now and then: a
   // new iterator for every eviction would step over all the entries evicted since, on every insert.
-  #evictionCursor: MapIterator<[string, Entry]> | undefined
+  #evictionCursor: MapIterator<[string, Slot]> | undefined
+  // The header sets of packed records, by number: a route's records share one frozen object,
+  // which a string cannot hold. A set is forgotten when its last record goes.
+  #headerSets = new Map<Headers, HeaderSet>()
+  #headerSetsById: Array<HeaderSet | undefined> = []
+  #freeHeaderIds: number[] = []
   #bytes = 0
   #evictedSinceWarning = 0
   #lastWarningAt = -Infinity
@@ -106,7 +127,10 @@ export class MemoryStore implements IdempotencyStore {
     const now = this.#now()
     const existing = this.#find(key)
     if (existing !== undefined) {
-      if (existing.expiresAt > now) {
+      if (typeof existing === 'string') {
+        const completed = this.#unpack(existing)
+        if (completed.expiresAt > now) return { inserted: false, record: completed }
+      } else if (existing.expiresAt > now) {
         const leaseExpired = existing.state === 'processing' && existing.leaseExpiresAt <= now
         const takeOver = leaseExpired && record.takeOverExpiredLease && existing.fingerprint === record.fingerprint
         if (!takeOver) return { inserted: false, record: toRecord(existing, leaseExpired) }
@@ -134,14 +158,15 @@ export class MemoryStore implements IdempotencyStore {
   lookup (key: string): IdempotencyRecord | undefined {
     const now = this.#now()
     const entry = this.#find(key)
-    if (entry === undefined || entry.expiresAt <= now) return undefined
-    return toRecord(entry, entry.state === 'processing' && entry.leaseExpiresAt <= now)
+    if (entry === undefined) return undefined
+    const record = typeof entry === 'string' ? this.#unpack(entry) : toRecord(entry, entry.state === 'processing' && entry.leaseExpiresAt <= now)
+    return record.expiresAt > now ? record : undefined
   }
 
   update (key: string, owner: string, update: RecordUpdate): boolean {
     const now = this.#now()
     const entry = this.#find(key)
-    if (entry === undefined || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= now) {
+    if (entry === undefined || typeof entry === 'string' || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= now) {
       return false
     }
     if (update.state === 'processing') {
@@ -155,26 +180,32 @@ export class MemoryStore implements IdempotencyStore {
     entry.owner = ''
     if (entry.held && update.state === 'halted') this.#heldUntil(update.expiresAt, now)
     if (update.state === 'completed') {
-      const added = responseSize(update.response)
-      entry.statusCode = update.response.statusCode
-      entry.headers = update.response.headers
-      entry.body = update.response.body
+      const response = update.response
+      const added = responseSize(response)
       entry.size += added
+      let slot: Slot = entry
+      if (typeof response.body === 'string') {
+        slot = packCompleted(entry.size, update.expiresAt, response.statusCode, this.#useHeaders(response.headers), entry.fingerprint, response.body)
+      } else {
+        entry.statusCode = response.statusCode
+        entry.headers = response.headers
+        entry.body = response.body
+      }
       // A request that ran long enough to renew its lease is the one whose client most likely
       // timed out and will retry: it moves to the back, as one set aside does. Others keep their place.
       if (entry.held || entry.renewed) {
         this.#mapOf(entry).delete(key)
         entry.held = false
-        this.#records.set(key, entry)
       }
-      this.#grow(added, now, entry)
+      this.#records.set(key, slot)
+      this.#grow(added, now, key)
     }
     return true
   }
 
   delete (key: string, owner: string): boolean {
     const entry = this.#find(key)
-    if (entry === undefined || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= this.#now()) {
+    if (entry === undefined || typeof entry === 'string' || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= this.#now()) {
       return false
     }
     this.#remove(key, entry)
@@ -192,14 +223,14 @@ export class MemoryStore implements IdempotencyStore {
 
   // The iterators are live: records added or set aside meanwhile are visited too. #heldSweepAt
   // is left as it is: at worst early, which costs one sweep of #held that finds less to remove.
-  #pruneChunk (records: MapIterator<[string, Entry]>, held: MapIterator<[string, Entry]>, removed: number): Awaitable<number> {
+  #pruneChunk (records: MapIterator<[string, Slot]>, held: MapIterator<[string, Entry]>, removed: number): Awaitable<number> {
     const now = this.#now()
     for (let steps = 0; steps < PRUNE_CHUNK; steps++) {
-      let next = records.next()
+      let next: IteratorResult<[string, Slot]> = records.next()
       if (next.done === true) next = held.next()
       if (next.done === true) return removed
       const [key, entry] = next.value
-      if (entry.expiresAt <= now) {
+      if (expiresAtOf(entry) <= now) {
         this.#remove(key, entry)
         removed++
       }
@@ -209,18 +240,53 @@ export class MemoryStore implements IdempotencyStore {
   }
 
   // Most stores never set a record aside: a lookup then costs one Map lookup.
-  #find (key: string): Entry | undefined {
+  #find (key: string): Slot | undefined {
     const entry = this.#records.get(key)
     return entry !== undefined || this.#held.size === 0 ? entry : this.#held.get(key)
   }
 
-  #mapOf (entry: Entry): Map<string, Entry> {
-    return entry.held ? this.#held : this.#records
+  #mapOf (entry: Slot): Map<string, Slot> {
+    return typeof entry !== 'string' && entry.held ? this.#held : this.#records
   }
 
-  #remove (key: string, entry: Entry): void {
+  #remove (key: string, entry: Slot): void {
     this.#mapOf(entry).delete(key)
-    this.#bytes -= entry.size
+    if (typeof entry === 'string') {
+      this.#bytes -= packedNumber(entry, 0)
+      this.#releaseHeaders(packedNumber(entry, 3))
+    } else {
+      this.#bytes -= entry.size
+    }
+  }
+
+  #useHeaders (headers: Headers): number {
+    let set = this.#headerSets.get(headers)
+    if (set === undefined) {
+      set = { id: this.#freeHeaderIds.pop() ?? this.#headerSetsById.length, headers, uses: 0 }
+      this.#headerSetsById[set.id] = set
+      this.#headerSets.set(headers, set)
+    }
+    set.uses++
+    return set.id
+  }
+
+  #releaseHeaders (id: number): void {
+    const set = this.#headerSetsById[id] as HeaderSet
+    if (--set.uses > 0) return
+    this.#headerSets.delete(set.headers)
+    this.#headerSetsById[id] = undefined
+    this.#freeHeaderIds.push(id)
+  }
+
+  #unpack (packed: string): IdempotencyRecord {
+    const fields = packedFields(packed)
+    return {
+      state: 'completed',
+      fingerprint: fields.fingerprint,
+      expiresAt: fields.expiresAt,
+      leaseExpired: false,
+      response: { statusCode: fields.statusCode, headers: (this.#headerSetsById[fields.headersId] as HeaderSet).headers, body: fields.body }
+    }
   }
 
   #hold (key: string, entry: Entry, now: number): void {
@@ -243,9 +309,9 @@ export class MemoryStore implements IdempotencyStore {
     this.#heldSweepAt = earliest === Infinity ? Infinity : Math.max(earliest, now + HELD_SWEEP_INTERVAL)
   }
 
-  // `keep` is the record that just grew: it is never evicted, even when it alone is larger than
+  // `keep` is the key of the record that just grew: it is never evicted, even when it alone is larger than
   // maxBytes, because losing a response that was just sent would let a retry run the handler again.
-  #grow (size: number, now: number, keep?: Entry): void {
+  #grow (size: number, now: number, keep?: string): void {
     this.#bytes += size
     if (this.#bytes <= this.maxBytes) return
     let evicted = 0
@@ -260,11 +326,11 @@ export class MemoryStore implements IdempotencyStore {
         break
       }
       const [key, entry] = next.value
-      if (entry.expiresAt <= now) {
+      if (expiresAtOf(entry) <= now) {
         this.#remove(key, entry)
-      } else if (entry.state !== 'completed') {
+      } else if (typeof entry !== 'string' && entry.state !== 'completed') {
         this.#hold(key, entry, now)
-      } else if (entry !== keep) {
+      } else if (key !== keep) {
         this.#remove(key, entry)
         evicted++
       } else {
@@ -304,4 +370,41 @@ function responseSize (response: StoredResponse): number {
     size += name.length + String(response.headers[name]).length
   }
   return size
+}
+
+// A completed record with a text body, the common case, is kept as one string: its numbers,
+// then its fingerprint and its body. A record of objects (an entry, its numbers boxed, its
+// strings) is five or six objects for the garbage collector to copy and mark for as long as the
+// record lives; this is one, besides its key.
+function packCompleted (size: number, expiresAt: number, statusCode: number, headersId: number, fingerprint: string, body: string): string {
+  // Joined rather than concatenated: a join makes one flat string, where `+` would keep a tree of
+  // its parts alive.
+  return [size, expiresAt, statusCode, headersId, fingerprint.length, fingerprint + body].join(' ')
+}
+
+/** The `index`th number of a packed record: 0 size, 1 expiresAt, 2 status code, 3 header set, 4 fingerprint length. */
+function packedNumber (packed: string, index: number): number {
+  let start = 0
+  for (let skipped = 0; skipped < index; skipped++) start = packed.indexOf(' ', start) + 1
+  return Number(packed.slice(start, packed.indexOf(' ', start)))
+}
+
+function expiresAtOf (slot: Slot): number {
+  return typeof slot === 'string' ? packedNumber(slot, 1) : slot.expiresAt
+}
+
+function packedFields (packed: string): { expiresAt: number, statusCode: number, headersId: number, fingerprint: string, body: string } {
+  const sizeEnd = packed.indexOf(' ')
+  const expiresEnd = packed.indexOf(' ', sizeEnd + 1)
+  const statusEnd = packed.indexOf(' ', expiresEnd + 1)
+  const headersEnd = packed.indexOf(' ', statusEnd + 1)
+  const lengthEnd = packed.indexOf(' ', headersEnd + 1)
+  const bodyStart = lengthEnd + 1 + Number(packed.slice(headersEnd + 1, lengthEnd))
+  return {
+    expiresAt: Number(packed.slice(sizeEnd + 1, expiresEnd)),
+    statusCode: Number(packed.slice(expiresEnd + 1, statusEnd)),
+    headersId: Number(packed.slice(statusEnd + 1, headersEnd)),
+    fingerprint: packed.slice(lengthEnd + 1, bodyStart),
+    body: packed.slice(bodyStart)
+  }
 }

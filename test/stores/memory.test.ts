@@ -23,13 +23,13 @@ function clockedStore (options: MemoryStoreOptions = {}) {
   return { store, clock, warnings, logger }
 }
 
-/** Inserts a record under `key` and completes it with a body of `bodyBytes` bytes. */
-async function complete (store: MemoryStore, clock: { now: number }, key: string, bodyBytes = 1000): Promise<void> {
+/** Inserts a record under `key` and completes it with a body of `bodyBytes` bytes, a Buffer or text. */
+async function complete (store: MemoryStore, clock: { now: number }, key: string, bodyBytes = 1000, body: 'buffer' | 'text' = 'buffer'): Promise<void> {
   const owner = `owner-${key}`
   const inserted = await store.insert(key, { fingerprint: 'f', owner, expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
   const updated = await store.update(key, owner, {
     state: 'completed',
-    response: { statusCode: 200, headers: {}, body: Buffer.alloc(bodyBytes, 1) },
+    response: { statusCode: 200, headers: {}, body: body === 'text' ? 'x'.repeat(bodyBytes) : Buffer.alloc(bodyBytes, 1) },
     expiresAt: clock.now + HOUR
   })
   if (!inserted.inserted || !updated) throw new Error(`could not complete ${key}`)
@@ -189,6 +189,77 @@ t.test('gives back the bytes of records deleted, pruned or replaced', async (t) 
   t.equal(await store.prune(), 1, 'the expired done is pruned')
   t.equal(store.size, one, 'after replacing the expired k and pruning the expired done')
   clock.now += 100
+  t.equal(await store.prune(), 1)
+  t.equal(store.size, 0, 'after pruning everything')
+})
+
+t.test('a completed text response comes back exactly as it was stored, whatever its characters', async (t) => {
+  const { store, clock } = clockedStore({ maxBytes: 1024 * 1024 })
+  const headers = Object.freeze({ 'content-type': 'text/plain; charset=utf-8', 'x-count': 3 })
+  const cases = [
+    { fingerprint: '{"a":"1 2 3"}', body: '12 34 ' },
+    { fingerprint: '7 7', body: '' },
+    { fingerprint: '', body: 'é 😀 \u0000 end' },
+    { fingerprint: '{"a":"é 😀"}', body: ' ' }
+  ]
+  for (const [index, { fingerprint, body }] of cases.entries()) {
+    const key = `k${index}`
+    const expiresAt = clock.now + HOUR + 0.5
+    await store.insert(key, { fingerprint, owner: 'o', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
+    t.equal(await store.update(key, 'o', { state: 'completed', response: { statusCode: 201 + index, headers, body }, expiresAt }), true)
+    const expected = { state: 'completed', fingerprint, expiresAt, leaseExpired: false, response: { statusCode: 201 + index, headers, body } }
+    const found = await store.lookup(key)
+    t.strictSame(found, expected, `lookup of ${JSON.stringify(body)}`)
+    t.equal(found?.response?.headers, headers, 'the very header object it was given')
+    t.strictSame(await store.insert(key, { fingerprint, owner: 'p', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: true }),
+      { inserted: false, record: expected }, `insert over ${JSON.stringify(body)}`)
+    t.equal(await store.update(key, 'o', { state: 'halted', expiresAt }), false, 'a completed record takes no more updates')
+    t.equal(await store.delete(key, 'o'), false, 'nor a delete')
+  }
+  clock.now += HOUR + 1
+  t.equal(await store.lookup('k0'), undefined, 'a completed record expires')
+  t.equal((await store.insert('k0', { fingerprint: 'new', owner: 'q', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })).inserted, true,
+    'and its key takes a new one')
+})
+
+t.test('completed records keep their own header set while other sets come and go', async (t) => {
+  const { store, clock } = clockedStore({ maxBytes: 1024 * 1024 })
+  const sets = [0, 1, 2, 3].map((index) => Object.freeze({ 'x-set': String(index) }))
+  async function completeWith (key: string, headers: Record<string, string>, ttl: number): Promise<void> {
+    await store.insert(key, { fingerprint: 'f', owner: 'o', expiresAt: clock.now + ttl, lease: HOUR, takeOverExpiredLease: false })
+    await store.update(key, 'o', { state: 'completed', response: { statusCode: 200, headers, body: key }, expiresAt: clock.now + ttl })
+  }
+  await completeWith('short-a', sets[0]!, 100)
+  await completeWith('long', sets[1]!, HOUR)
+  await completeWith('short-b', sets[0]!, 100)
+  clock.now += 100
+  t.equal(await store.prune(), 2, 'the only records with set 0 went')
+  await completeWith('new', sets[2]!, HOUR)
+  await completeWith('again', sets[0]!, HOUR)
+  await completeWith('shared', sets[2]!, HOUR)
+  for (const [key, headers] of [['long', sets[1]], ['new', sets[2]], ['again', sets[0]], ['shared', sets[2]]] as const) {
+    t.equal((await store.lookup(key))?.response?.headers, headers, `${key} has its own set`)
+  }
+  clock.now += HOUR
+  t.equal(await store.prune(), 4)
+  t.equal(store.size, 0)
+  await completeWith('after', sets[3]!, HOUR)
+  t.equal((await store.lookup('after'))?.response?.headers, sets[3], 'a set whose records all went is taken afresh')
+})
+
+t.test('evicts completed text responses and gives back their bytes as it does Buffer ones', async (t) => {
+  const { store, clock } = clockedStore()
+  await complete(store, clock, 'a', 1000, 'text')
+  await complete(store, clock, 'b', 1000, 'text')
+  await complete(store, clock, 'c', 1000, 'buffer')
+  const threeRecords = store.size
+  await complete(store, clock, 'd', 1000, 'text')
+  t.strictSame(await states(store, ['a', 'b', 'c', 'd']), { a: undefined, b: 'completed', c: 'completed', d: 'completed' })
+  t.equal(store.size, threeRecords, 'the evicted text record gave back what it took')
+  await complete(store, clock, 'e', 5000, 'text')
+  t.strictSame(await states(store, ['b', 'c', 'd', 'e']), { b: undefined, c: undefined, d: undefined, e: 'completed' },
+    'a text response larger than maxBytes is kept, all others go')
+  clock.now += HOUR
   t.equal(await store.prune(), 1)
   t.equal(store.size, 0, 'after pruning everything')
 })
