@@ -73,6 +73,9 @@ const EVICTION_WARNING_INTERVAL = 60_000
 const HELD_SWEEP_INTERVAL = 1000
 // Records prune() looks at in one turn of the event loop: about 0.1 to 1 ms.
 const PRUNE_CHUNK = 5000
+const SPACE = 0x20
+const ZERO = 0x30
+const NINE = 0x39
 
 /**
  * Keeps records in this process: for one instance, tests and development. It answers at once,
@@ -185,11 +188,11 @@ export class MemoryStore implements IdempotencyStore {
       entry.size += added
       let slot: Slot = entry
       if (typeof response.body === 'string') {
-        slot = packCompleted(entry.size, update.expiresAt, response.statusCode, this.#useHeaders(response.headers), entry.fingerprint, response.body)
+        slot = packCompleted(update.expiresAt, entry.size, this.#useHeaders(response.headers), response.statusCode, entry.fingerprint, response.body)
       } else {
         entry.statusCode = response.statusCode
         entry.headers = response.headers
-        entry.body = response.body
+        entry.body = ownBytes(response.body)
       }
       // A request that ran long enough to renew its lease is the one whose client most likely
       // timed out and will retry: it moves to the back, as one set aside does. Others keep their place.
@@ -252,8 +255,10 @@ export class MemoryStore implements IdempotencyStore {
   #remove (key: string, entry: Slot): void {
     this.#mapOf(entry).delete(key)
     if (typeof entry === 'string') {
-      this.#bytes -= packedNumber(entry, 0)
-      this.#releaseHeaders(packedNumber(entry, 3))
+      // The packed size and header set, the second and third numbers.
+      const sizeStart = entry.indexOf(' ') + 1
+      this.#bytes -= packedInteger(entry, sizeStart)
+      this.#releaseHeaders(packedInteger(entry, entry.indexOf(' ', sizeStart) + 1))
     } else {
       this.#bytes -= entry.size
     }
@@ -363,6 +368,16 @@ function toRecord (entry: Entry, leaseExpired: boolean): IdempotencyRecord {
   }
 }
 
+// A small Buffer is usually a view into Node's shared pool, or a slice of a larger one: kept as it
+// is, it would keep all of that memory alive for as long as the record lives, far beyond what
+// maxBytes counts. Such a body is copied into memory of its own.
+function ownBytes (body: Buffer): Buffer {
+  if (body.byteLength === body.buffer.byteLength) return body
+  const own = Buffer.allocUnsafeSlow(body.byteLength)
+  body.copy(own)
+  return own
+}
+
 // A string body is counted by its length: V8 keeps most strings at one byte per character.
 function responseSize (response: StoredResponse): number {
   let size = response.body.length
@@ -374,36 +389,46 @@ function responseSize (response: StoredResponse): number {
 
 // A completed record with a text body, the common case, is kept as one string: its numbers,
 // then its fingerprint and its body. A record of objects (an entry, its numbers boxed, its
-// strings) is five or six objects for the garbage collector to copy and mark for as long as the
-// record lives; this is one, besides its key.
-function packCompleted (size: number, expiresAt: number, statusCode: number, headersId: number, fingerprint: string, body: string): string {
+// strings) is five objects for the garbage collector to copy and mark for as long as the
+// record lives; this is one, besides its key. The fields eviction reads come first.
+function packCompleted (expiresAt: number, size: number, headersId: number, statusCode: number, fingerprint: string, body: string): string {
   // Joined rather than concatenated: a join makes one flat string, where `+` would keep a tree of
   // its parts alive.
-  return [size, expiresAt, statusCode, headersId, fingerprint.length, fingerprint + body].join(' ')
-}
-
-/** The `index`th number of a packed record: 0 size, 1 expiresAt, 2 status code, 3 header set, 4 fingerprint length. */
-function packedNumber (packed: string, index: number): number {
-  let start = 0
-  for (let skipped = 0; skipped < index; skipped++) start = packed.indexOf(' ', start) + 1
-  return Number(packed.slice(start, packed.indexOf(' ', start)))
+  return [expiresAt, size, headersId, statusCode, fingerprint.length, fingerprint + body].join(' ')
 }
 
 function expiresAtOf (slot: Slot): number {
-  return typeof slot === 'string' ? packedNumber(slot, 1) : slot.expiresAt
+  return typeof slot === 'string' ? packedExpiresAt(slot) : slot.expiresAt
+}
+
+// Read digit by digit, since prune reads it for every record: a third of the time of slicing it
+// out and converting that. Anything but a plain integer of up to 15 digits (always exact) goes
+// through parseFloat, which reads a number up to the space that ends it.
+function packedExpiresAt (packed: string): number {
+  let value = 0
+  let at = 0
+  for (let code = packed.charCodeAt(0); code >= ZERO && code <= NINE; code = packed.charCodeAt(++at)) value = value * 10 + code - ZERO
+  return at > 0 && at <= 15 && packed.charCodeAt(at) === SPACE ? value : parseFloat(packed)
+}
+
+/** The store's own non-negative integer that starts at `from`. */
+function packedInteger (packed: string, from: number): number {
+  let value = 0
+  for (let code = packed.charCodeAt(from); code >= ZERO && code <= NINE; code = packed.charCodeAt(++from)) value = value * 10 + code - ZERO
+  return value
 }
 
 function packedFields (packed: string): { expiresAt: number, statusCode: number, headersId: number, fingerprint: string, body: string } {
-  const sizeEnd = packed.indexOf(' ')
-  const expiresEnd = packed.indexOf(' ', sizeEnd + 1)
-  const statusEnd = packed.indexOf(' ', expiresEnd + 1)
-  const headersEnd = packed.indexOf(' ', statusEnd + 1)
-  const lengthEnd = packed.indexOf(' ', headersEnd + 1)
-  const bodyStart = lengthEnd + 1 + Number(packed.slice(headersEnd + 1, lengthEnd))
+  const expiresEnd = packed.indexOf(' ')
+  const sizeEnd = packed.indexOf(' ', expiresEnd + 1)
+  const headersEnd = packed.indexOf(' ', sizeEnd + 1)
+  const statusEnd = packed.indexOf(' ', headersEnd + 1)
+  const lengthEnd = packed.indexOf(' ', statusEnd + 1)
+  const bodyStart = lengthEnd + 1 + packedInteger(packed, statusEnd + 1)
   return {
-    expiresAt: Number(packed.slice(sizeEnd + 1, expiresEnd)),
-    statusCode: Number(packed.slice(expiresEnd + 1, statusEnd)),
-    headersId: Number(packed.slice(statusEnd + 1, headersEnd)),
+    expiresAt: packedExpiresAt(packed),
+    statusCode: Number(packed.slice(headersEnd + 1, statusEnd)),
+    headersId: packedInteger(packed, sizeEnd + 1),
     fingerprint: packed.slice(lengthEnd + 1, bodyStart),
     body: packed.slice(bodyStart)
   }

@@ -196,15 +196,15 @@ t.test('gives back the bytes of records deleted, pruned or replaced', async (t) 
 t.test('a completed text response comes back exactly as it was stored, whatever its characters', async (t) => {
   const { store, clock } = clockedStore({ maxBytes: 1024 * 1024 })
   const headers = Object.freeze({ 'content-type': 'text/plain; charset=utf-8', 'x-count': 3 })
+  // Expiries: a whole number of ms, as the plugin writes them, and others a direct caller may give.
   const cases = [
-    { fingerprint: '{"a":"1 2 3"}', body: '12 34 ' },
-    { fingerprint: '7 7', body: '' },
-    { fingerprint: '', body: 'é 😀 \u0000 end' },
-    { fingerprint: '{"a":"é 😀"}', body: ' ' }
+    { fingerprint: '{"a":"1 2 3"}', body: '12 34 ', expiresAt: clock.now + HOUR },
+    { fingerprint: '7 7', body: '', expiresAt: clock.now + HOUR + 0.5 },
+    { fingerprint: '', body: 'é 😀 \u0000 end', expiresAt: 1e20 },
+    { fingerprint: '{"a":"é 😀"}', body: ' ', expiresAt: Infinity }
   ]
-  for (const [index, { fingerprint, body }] of cases.entries()) {
+  for (const [index, { fingerprint, body, expiresAt }] of cases.entries()) {
     const key = `k${index}`
-    const expiresAt = clock.now + HOUR + 0.5
     await store.insert(key, { fingerprint, owner: 'o', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
     t.equal(await store.update(key, 'o', { state: 'completed', response: { statusCode: 201 + index, headers, body }, expiresAt }), true)
     const expected = { state: 'completed', fingerprint, expiresAt, leaseExpired: false, response: { statusCode: 201 + index, headers, body } }
@@ -216,8 +216,14 @@ t.test('a completed text response comes back exactly as it was stored, whatever 
     t.equal(await store.update(key, 'o', { state: 'halted', expiresAt }), false, 'a completed record takes no more updates')
     t.equal(await store.delete(key, 'o'), false, 'nor a delete')
   }
+  await store.insert('past', { fingerprint: 'f', owner: 'o', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
+  await store.update('past', 'o', { state: 'completed', response: { statusCode: 200, headers, body: 'x' }, expiresAt: -1 })
+  t.equal(await store.lookup('past'), undefined, 'a record completed with an expiry in the past is gone')
   clock.now += HOUR + 1
   t.equal(await store.lookup('k0'), undefined, 'a completed record expires')
+  t.equal(await store.lookup('k1'), undefined, 'at its fraction of a ms too')
+  t.equal((await store.lookup('k2'))?.expiresAt, 1e20, 'one far away stays')
+  t.equal(await store.prune(), 3, 'prune removes the expired three and no other')
   t.equal((await store.insert('k0', { fingerprint: 'new', owner: 'q', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })).inserted, true,
     'and its key takes a new one')
 })
@@ -245,6 +251,24 @@ t.test('completed records keep their own header set while other sets come and go
   t.equal(store.size, 0)
   await completeWith('after', sets[3]!, HOUR)
   t.equal((await store.lookup('after'))?.response?.headers, sets[3], 'a set whose records all went is taken afresh')
+})
+
+t.test('keeps a Buffer body that shares its memory (a slice, Node\'s pool) as a copy in memory of its own', async (t) => {
+  const { store, clock } = clockedStore({ maxBytes: 1024 * 1024 })
+  const large = Buffer.alloc(64 * 1024, 7)
+  const bodies = { slice: large.subarray(100, 110), pooled: Buffer.from('{"id":1}'), whole: Buffer.allocUnsafeSlow(5).fill(1) }
+  t.ok(bodies.pooled.buffer.byteLength > bodies.pooled.byteLength, 'a small Buffer.from is a view into the pool')
+  for (const [key, body] of Object.entries(bodies)) {
+    await store.insert(key, { fingerprint: 'f', owner: 'o', expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
+    await store.update(key, 'o', { state: 'completed', response: { statusCode: 200, headers: {}, body }, expiresAt: clock.now + HOUR })
+    const stored = (await store.lookup(key))?.response?.body as Buffer
+    t.ok(Buffer.isBuffer(stored), `${key}: a Buffer`)
+    t.ok(stored.equals(body), `${key}: the same bytes`)
+    t.equal(stored.buffer.byteLength, body.byteLength, `${key}: in memory of its own size`)
+  }
+  large.fill(0)
+  t.ok(((await store.lookup('slice'))?.response?.body as Buffer).equals(Buffer.alloc(10, 7)), 'the copy does not change with the memory it came from')
+  t.equal((await store.lookup('whole'))?.response?.body, bodies.whole, 'a Buffer with memory of its own is kept as it is')
 })
 
 t.test('evicts completed text responses and gives back their bytes as it does Buffer ones', async (t) => {
