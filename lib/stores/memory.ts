@@ -41,9 +41,9 @@ interface Entry {
   renewed: boolean
   /** Eviction found it running or halted and set it aside in #held, out of the eviction order. */
   held: boolean
-  // The response of a completed record with a Buffer body (one with a text body is packed into a
-  // string instead), kept in the entry itself: every object kept is work for the garbage
-  // collector for as long as it lives.
+  // The response of a completed record that is not packed into a string (a Buffer body, or a
+  // fingerprint of two-byte text), kept in the entry itself: every object kept is work for the
+  // garbage collector for as long as it lives.
   statusCode: number
   headers: StoredResponse['headers'] | undefined
   body: StoredResponse['body'] | undefined
@@ -51,8 +51,8 @@ interface Entry {
 }
 
 /**
- * A record as the store keeps it: an entry while it runs or once halted, and a completed record
- * with a text body as one string (see `packCompleted`).
+ * A record as the store keeps it: a completed record with a text body as one string (see
+ * `packCompleted`), any other record as an entry.
  */
 type Slot = Entry | string
 
@@ -73,6 +73,9 @@ const EVICTION_WARNING_INTERVAL = 60_000
 const HELD_SWEEP_INTERVAL = 1000
 // Records prune() looks at in one turn of the event loop: about 0.1 to 1 ms.
 const PRUNE_CHUNK = 5000
+// V8 keeps a string at two bytes per character once one character needs it: a fingerprint with
+// one would double the memory of the body packed with it, beyond what maxBytes counts.
+const TWO_BYTE = /[^\u0000-\u00ff]/
 const SPACE = 0x20
 const ZERO = 0x30
 const NINE = 0x39
@@ -105,8 +108,9 @@ export class MemoryStore implements IdempotencyStore {
   // Where eviction goes on from. A Map marks deleted entries and compacts only now and then: a
   // new iterator for every eviction would step over all the entries evicted since, on every insert.
   #evictionCursor: MapIterator<[string, Slot]> | undefined
-  // The header sets of packed records, by number: a route's records share one frozen object,
-  // which a string cannot hold. A set is forgotten when its last record goes.
+  // The header sets of packed records, by number, since a string cannot hold an object. The
+  // plugin hands a route's records one frozen object for as long as their headers stay the same
+  // (the Expires header changes each second). A set is forgotten when its last record goes.
   #headerSets = new Map<Headers, HeaderSet>()
   #headerSetsById: Array<HeaderSet | undefined> = []
   #freeHeaderIds: number[] = []
@@ -187,7 +191,7 @@ export class MemoryStore implements IdempotencyStore {
       const added = responseSize(response)
       entry.size += added
       let slot: Slot = entry
-      if (typeof response.body === 'string') {
+      if (typeof response.body === 'string' && !TWO_BYTE.test(entry.fingerprint)) {
         slot = packCompleted(update.expiresAt, entry.size, this.#useHeaders(response.headers), response.statusCode, entry.fingerprint, response.body)
       } else {
         entry.statusCode = response.statusCode
@@ -231,7 +235,12 @@ export class MemoryStore implements IdempotencyStore {
     for (let steps = 0; steps < PRUNE_CHUNK; steps++) {
       let next: IteratorResult<[string, Slot]> = records.next()
       if (next.done === true) next = held.next()
-      if (next.done === true) return removed
+      if (next.done === true) {
+        // A cursor left over from before the Map resized would keep its old table, and with it
+        // records removed since, alive: the next eviction starts afresh from a compacted Map.
+        this.#evictionCursor = undefined
+        return removed
+      }
       const [key, entry] = next.value
       if (expiresAtOf(entry) <= now) {
         this.#remove(key, entry)
@@ -371,8 +380,8 @@ function toRecord (entry: Entry, leaseExpired: boolean): IdempotencyRecord {
 // A small Buffer is usually a view into Node's shared pool, or a slice of a larger one: kept as it
 // is, it would keep all of that memory alive for as long as the record lives, far beyond what
 // maxBytes counts. Such a body is copied into memory of its own.
-function ownBytes (body: Buffer): Buffer {
-  if (body.byteLength === body.buffer.byteLength) return body
+function ownBytes (body: Buffer | string): Buffer | string {
+  if (typeof body === 'string' || body.byteLength === body.buffer.byteLength) return body
   const own = Buffer.allocUnsafeSlow(body.byteLength)
   body.copy(own)
   return own

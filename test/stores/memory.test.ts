@@ -1,8 +1,16 @@
+import v8 from 'node:v8'
+import vm from 'node:vm'
 import t from 'tap'
 import { InvalidOptionError, MemoryStore, type MemoryStoreOptions, type WarningLogger } from '../../lib/index.js'
 import { runConformance } from './conformance.js'
 
 const HOUR = 3_600_000
+
+/** A full garbage collection, for the tests of what the store keeps alive. */
+function collectGarbage (): void {
+  v8.setFlagsFromString('--expose-gc')
+  ;(vm.runInNewContext('gc') as () => void)()
+}
 const WARNING = 'idempotency memory store is full: evicted the oldest finished records'
 
 let conformanceClock = Date.now()
@@ -269,6 +277,49 @@ t.test('keeps a Buffer body that shares its memory (a slice, Node\'s pool) as a 
   large.fill(0)
   t.ok(((await store.lookup('slice'))?.response?.body as Buffer).equals(Buffer.alloc(10, 7)), 'the copy does not change with the memory it came from')
   t.equal((await store.lookup('whole'))?.response?.body, bodies.whole, 'a Buffer with memory of its own is kept as it is')
+})
+
+t.test('a fingerprint of two-byte text does not double the memory of the text body stored with it', async (t) => {
+  const records = 100
+  const bodyLength = 100_000
+  async function heapGrowth (fingerprint: string): Promise<number> {
+    const store = new MemoryStore({ maxBytes: 1024 * 1024 * 1024 })
+    collectGarbage()
+    const before = process.memoryUsage().heapUsed
+    for (let index = 0; index < records; index++) {
+      const key = `k${index}`
+      await store.insert(key, { fingerprint, owner: 'o', expiresAt: Date.now() + HOUR, lease: HOUR, takeOverExpiredLease: false })
+      const body = Buffer.alloc(bodyLength, 'x').toString('latin1')
+      await store.update(key, 'o', { state: 'completed', response: { statusCode: 200, headers: {}, body }, expiresAt: Date.now() + HOUR })
+    }
+    collectGarbage()
+    const grown = process.memoryUsage().heapUsed - before
+    t.equal((await store.lookup('k0'))?.response?.body.length, bodyLength, `the store with fingerprint ${fingerprint} still holds its records`)
+    return grown
+  }
+  const oneByte = await heapGrowth('{"name":"e"}')
+  const twoByte = await heapGrowth('{"name":"€"}')
+  t.ok(oneByte < records * bodyLength * 1.5, `bodies of one-byte text take about their length: ${oneByte} bytes`)
+  t.ok(twoByte < oneByte * 1.5, `with a two-byte fingerprint too: ${twoByte} bytes against ${oneByte}`)
+})
+
+t.test('keeps nothing alive of the records it evicted and pruned', async (t) => {
+  const { store, clock } = clockedStore({ maxBytes: 64 * 1024 })
+  const bodies: Array<WeakRef<Buffer>> = []
+  // In a function of its own, so that no variable of the test's refers to the last body.
+  const completeWithBody = (key: string): void => {
+    const body = Buffer.alloc(1000, 1)
+    bodies.push(new WeakRef(body))
+    store.insert(key, { fingerprint: 'f', owner: 'o', expiresAt: clock.now + 1000, lease: 1000, takeOverExpiredLease: false })
+    store.update(key, 'o', { state: 'completed', response: { statusCode: 200, headers: {}, body }, expiresAt: clock.now + 1000 })
+  }
+  for (let index = 0; index < 200; index++) completeWithBody(`k${index}`)
+  clock.now += 1000
+  t.ok(await store.prune() > 0)
+  t.equal(store.size, 0, 'every record is gone')
+  await new Promise((resolve) => { setImmediate(resolve) })
+  collectGarbage()
+  t.equal(bodies.filter((body) => body.deref() !== undefined).length, 0, 'and so are their bodies')
 })
 
 t.test('evicts completed text responses and gives back their bytes as it does Buffer ones', async (t) => {
