@@ -323,8 +323,9 @@ export class MemoryStore implements IdempotencyStore {
     this.#heldSweepAt = earliest === Infinity ? Infinity : Math.max(earliest, now + HELD_SWEEP_INTERVAL)
   }
 
-  // `keep` is the key of the record that just grew: it is never evicted, even when it alone is larger than
-  // maxBytes, because losing a response that was just sent would let a retry run the handler again.
+  // `keep` is the key of the record that just grew: it is never evicted, even when it alone is
+  // larger than maxBytes, because losing a response that was just sent would let a retry run the
+  // handler again.
   #grow (size: number, now: number, keep?: string): void {
     this.#bytes += size
     if (this.#bytes <= this.maxBytes) return
