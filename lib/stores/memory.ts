@@ -293,13 +293,19 @@ export class MemoryStore implements IdempotencyStore {
   }
 
   #unpack (packed: string): IdempotencyRecord {
-    const fields = packedFields(packed)
+    const expiresEnd = packed.indexOf(' ')
+    const sizeEnd = packed.indexOf(' ', expiresEnd + 1)
+    const headersEnd = packed.indexOf(' ', sizeEnd + 1)
+    const statusEnd = packed.indexOf(' ', headersEnd + 1)
+    const lengthEnd = packed.indexOf(' ', statusEnd + 1)
+    const bodyStart = lengthEnd + 1 + packedInteger(packed, statusEnd + 1)
+    const headers = (this.#headerSetsById[packedInteger(packed, sizeEnd + 1)] as HeaderSet).headers
     return {
       state: 'completed',
-      fingerprint: fields.fingerprint,
-      expiresAt: fields.expiresAt,
+      fingerprint: packed.slice(lengthEnd + 1, bodyStart),
+      expiresAt: packedExpiresAt(packed),
       leaseExpired: false,
-      response: { statusCode: fields.statusCode, headers: (this.#headerSetsById[fields.headersId] as HeaderSet).headers, body: fields.body }
+      response: { statusCode: Number(packed.slice(headersEnd + 1, statusEnd)), headers, body: packed.slice(bodyStart) }
     }
   }
 
@@ -426,20 +432,4 @@ function packedInteger (packed: string, from: number): number {
   let value = 0
   for (let code = packed.charCodeAt(from); code >= ZERO && code <= NINE; code = packed.charCodeAt(++from)) value = value * 10 + code - ZERO
   return value
-}
-
-function packedFields (packed: string): { expiresAt: number, statusCode: number, headersId: number, fingerprint: string, body: string } {
-  const expiresEnd = packed.indexOf(' ')
-  const sizeEnd = packed.indexOf(' ', expiresEnd + 1)
-  const headersEnd = packed.indexOf(' ', sizeEnd + 1)
-  const statusEnd = packed.indexOf(' ', headersEnd + 1)
-  const lengthEnd = packed.indexOf(' ', statusEnd + 1)
-  const bodyStart = lengthEnd + 1 + packedInteger(packed, statusEnd + 1)
-  return {
-    expiresAt: packedExpiresAt(packed),
-    statusCode: Number(packed.slice(headersEnd + 1, statusEnd)),
-    headersId: packedInteger(packed, sizeEnd + 1),
-    fingerprint: packed.slice(lengthEnd + 1, bodyStart),
-    body: packed.slice(bodyStart)
-  }
 }
