@@ -31,14 +31,22 @@ function clockedStore (options: MemoryStoreOptions = {}) {
   return { store, clock, warnings, logger }
 }
 
-/** Inserts a record under `key` and completes it with a body of `bodyBytes` bytes, a Buffer or text. */
-async function complete (store: MemoryStore, clock: { now: number }, key: string, bodyBytes = 1000, body: 'buffer' | 'text' = 'buffer'): Promise<void> {
+interface CompleteOptions {
+  /** The body's kind: a Buffer (by default) or text. */
+  body?: 'buffer' | 'text'
+  headers?: Record<string, string>
+  /** ms the record lives. Default an hour. */
+  ttl?: number
+}
+
+/** Inserts a record under `key` and completes it with a body of `bodyBytes` bytes. */
+async function complete (store: MemoryStore, clock: { now: number }, key: string, bodyBytes = 1000, { body = 'buffer', headers = {}, ttl = HOUR }: CompleteOptions = {}): Promise<void> {
   const owner = `owner-${key}`
-  const inserted = await store.insert(key, { fingerprint: 'f', owner, expiresAt: clock.now + HOUR, lease: HOUR, takeOverExpiredLease: false })
+  const inserted = await store.insert(key, { fingerprint: 'f', owner, expiresAt: clock.now + ttl, lease: HOUR, takeOverExpiredLease: false })
   const updated = await store.update(key, owner, {
     state: 'completed',
-    response: { statusCode: 200, headers: {}, body: body === 'text' ? 'x'.repeat(bodyBytes) : Buffer.alloc(bodyBytes, 1) },
-    expiresAt: clock.now + HOUR
+    response: { statusCode: 200, headers, body: body === 'text' ? 'x'.repeat(bodyBytes) : Buffer.alloc(bodyBytes, 1) },
+    expiresAt: clock.now + ttl
   })
   if (!inserted.inserted || !updated) throw new Error(`could not complete ${key}`)
 }
@@ -239,9 +247,8 @@ t.test('a completed text response comes back exactly as it was stored, whatever 
 t.test('completed records keep their own header set while other sets come and go', async (t) => {
   const { store, clock } = clockedStore({ maxBytes: 1024 * 1024 })
   const sets = [0, 1, 2, 3].map((index) => Object.freeze({ 'x-set': String(index) }))
-  async function completeWith (key: string, headers: Record<string, string>, ttl: number): Promise<void> {
-    await store.insert(key, { fingerprint: 'f', owner: 'o', expiresAt: clock.now + ttl, lease: HOUR, takeOverExpiredLease: false })
-    await store.update(key, 'o', { state: 'completed', response: { statusCode: 200, headers, body: key }, expiresAt: clock.now + ttl })
+  const completeWith = async (key: string, headers: Record<string, string>, ttl: number): Promise<void> => {
+    await complete(store, clock, key, 10, { body: 'text', headers, ttl })
   }
   await completeWith('short-a', sets[0]!, 100)
   await completeWith('long', sets[1]!, HOUR)
@@ -324,14 +331,14 @@ t.test('keeps nothing alive of the records it evicted and pruned', async (t) => 
 
 t.test('evicts completed text responses and gives back their bytes as it does Buffer ones', async (t) => {
   const { store, clock } = clockedStore()
-  await complete(store, clock, 'a', 1000, 'text')
-  await complete(store, clock, 'b', 1000, 'text')
-  await complete(store, clock, 'c', 1000, 'buffer')
+  await complete(store, clock, 'a', 1000, { body: 'text' })
+  await complete(store, clock, 'b', 1000, { body: 'text' })
+  await complete(store, clock, 'c', 1000, { body: 'buffer' })
   const threeRecords = store.size
-  await complete(store, clock, 'd', 1000, 'text')
+  await complete(store, clock, 'd', 1000, { body: 'text' })
   t.strictSame(await states(store, ['a', 'b', 'c', 'd']), { a: undefined, b: 'completed', c: 'completed', d: 'completed' })
   t.equal(store.size, threeRecords, 'the evicted text record gave back what it took')
-  await complete(store, clock, 'e', 5000, 'text')
+  await complete(store, clock, 'e', 5000, { body: 'text' })
   t.strictSame(await states(store, ['b', 'c', 'd', 'e']), { b: undefined, c: undefined, d: undefined, e: 'completed' },
     'a text response larger than maxBytes is kept, all others go')
   clock.now += HOUR
