@@ -1,5 +1,6 @@
 import Type from 'typebox'
 import { compileOptions, withDefault } from '../options-validator.js'
+import { RecordRing, textBytes, type RingCursor } from './record-ring.js'
 import type {
   Awaitable,
   IdempotencyRecord,
@@ -31,37 +32,34 @@ export interface MemoryStoreOptions {
   logger?: WarningLogger
 }
 
+/**
+ * A record kept as an object: a running or halted one, or a completed one too large for the
+ * ring. Completed records otherwise live in the ring, outside V8's heap.
+ */
 interface Entry {
   state: RecordState
   fingerprint: string
   owner: string
   expiresAt: number
   leaseExpiresAt: number
-  /** The lease was renewed: the request ran long. */
-  renewed: boolean
-  /** Eviction found it running or halted and set it aside in #held, out of the eviction order. */
-  held: boolean
-  // The response of a completed record that is not packed into a string (a Buffer body, or a
-  // fingerprint of two-byte text), kept in the entry itself: every object kept is work for the
-  // garbage collector for as long as it lives.
+  /** The key's hash in the ring, for when the record completes. */
+  hash: number
+  /** Completion order (completed only). */
+  sequence: number
   statusCode: number
   headers: StoredResponse['headers'] | undefined
   body: StoredResponse['body'] | undefined
   size: number
 }
 
-/**
- * A record as the store keeps it: a completed record with a text body as one string (see
- * `packCompleted`), any other record as an entry.
- */
-type Slot = Entry | string
-
 type Headers = StoredResponse['headers']
 
 interface HeaderSet {
   id: number
   headers: Headers
-  /** Packed records that refer to it. */
+  /** Bytes of its names and values. */
+  bytes: number
+  /** Ring records that refer to it. */
   uses: number
 }
 
@@ -69,23 +67,21 @@ const validateOptions = compileOptions(MemoryStoreOptionsSchema, { subject: 'Mem
 const ENTRY_OVERHEAD = 160
 const INSERTED: InsertResult = Object.freeze({ inserted: true })
 const EVICTION_WARNING_INTERVAL = 60_000
-// Records set aside by eviction are looked over for expired ones at most this often.
-const HELD_SWEEP_INTERVAL = 1000
+// Running and halted records are looked over for expired ones at most this often, and only when
+// the store is full.
+const SWEEP_INTERVAL = 1000
 // Records prune() looks at in one turn of the event loop: about 0.1 to 1 ms.
 const PRUNE_CHUNK = 5000
-// V8 keeps a string at two bytes per character once one character needs it: a fingerprint with
-// one would double the memory of the body packed with it, beyond what maxBytes counts.
-const TWO_BYTE = /[^\u0000-\u00ff]/
-const SPACE = 0x20
-const ZERO = 0x30
-const NINE = 0x39
 
 /**
  * Keeps records in this process: for one instance, tests and development. It answers at once,
  * without promises, so a tracked request costs no extra turn of the event loop (only `prune` of a
  * large store answers through a promise, walking it a chunk per turn).
- * Bounded by `maxBytes`: when full it evicts the oldest completed records, never in-flight or halted ones (a halted
- * record stands for an outcome nobody knows; forgetting it would let a retry run again).
+ *
+ * Completed records are kept outside V8's heap, in a ring (see `RecordRing`): the garbage
+ * collector's work does not grow with the store. Bounded by `maxBytes`: when full it evicts the
+ * oldest completed records, never in-flight or halted ones (a halted record stands for an outcome
+ * nobody knows; forgetting it would let a retry run again).
  *
  * @example
  * await app.register(idempotency, { store: new MemoryStore({ maxBytes: 16 * 1024 * 1024 }) })
@@ -95,22 +91,24 @@ export class MemoryStore implements IdempotencyStore {
   readonly maxBytes: number
   #now: () => number
   #logger: WarningLogger | undefined
-  // Map order is the eviction order: a request's start, or its end for one that ran long or that
-  // eviction set aside while it ran.
-  #records = new Map<string, Slot>()
-  // Running and halted records that eviction met: kept out of its way, so that no sweep steps
-  // over them again (a store full of halted records would otherwise cost a whole sweep per
-  // insert). A record leaves when it completes (to the back of #records), expires or goes.
-  #held = new Map<string, Entry>()
-  // When #held may hold an expired record: its earliest expiry, but at most once a
-  // HELD_SWEEP_INTERVAL, since a sweep of #held costs one step per record in it.
-  #heldSweepAt = Infinity
-  // Where eviction goes on from. A Map marks deleted entries and compacts only now and then: a
-  // new iterator for every eviction would step over all the entries evicted since, on every insert.
-  #evictionCursor: MapIterator<[string, Slot]> | undefined
-  // The header sets of packed records, by number, since a string cannot hold an object. The
-  // plugin hands a route's records one frozen object for as long as their headers stay the same
-  // (the Expires header changes each second). A set is forgotten when its last record goes.
+  #ring: RecordRing
+  // Running and halted records: few, and short-lived but for halted ones.
+  #entries = new Map<string, Entry>()
+  // Completed records too large for the ring, in the order they completed.
+  #large = new Map<string, Entry>()
+  // Where eviction of large records goes on from. A Map marks deleted entries and compacts only
+  // now and then: a new iterator for every eviction would step over all those evicted since.
+  #largeCursor: MapIterator<[string, Entry]> | undefined
+  // The oldest large record, which the cursor has passed.
+  #largeOldest: [string, Entry] | undefined
+  #sequence = 0
+  // When #entries may hold an expired record: its earliest expiry, but at most once a
+  // SWEEP_INTERVAL, since a sweep costs one step per record in it.
+  #sweepAt = Infinity
+  #sweptAt = -Infinity
+  // The header sets of ring records, by number. The plugin hands a route's records one frozen
+  // object for as long as their headers stay the same (the Expires header changes each second).
+  // A set is forgotten when its last record goes.
   #headerSets = new Map<Headers, HeaderSet>()
   #headerSetsById: Array<HeaderSet | undefined> = []
   #freeHeaderIds: number[] = []
@@ -123,6 +121,11 @@ export class MemoryStore implements IdempotencyStore {
     this.maxBytes = settings.maxBytes
     this.#now = settings.now ?? Date.now
     this.#logger = settings.logger
+    // The ring drops its oldest records when it has no room left for a new one.
+    this.#ring = new RecordRing(settings.maxBytes, (at) => {
+      if (this.#ring.expiresAt(at) > this.#now()) this.#evictedSinceWarning++
+      this.#forget(at)
+    })
   }
 
   /** Bytes currently accounted to stored records. */
@@ -132,90 +135,107 @@ export class MemoryStore implements IdempotencyStore {
 
   insert (key: string, record: NewRecord): InsertResult {
     const now = this.#now()
-    const existing = this.#find(key)
-    if (existing !== undefined) {
-      if (typeof existing === 'string') {
-        const completed = this.#unpack(existing)
-        if (completed.expiresAt > now) return { inserted: false, record: completed }
-      } else if (existing.expiresAt > now) {
-        const leaseExpired = existing.state === 'processing' && existing.leaseExpiresAt <= now
-        const takeOver = leaseExpired && record.takeOverExpiredLease && existing.fingerprint === record.fingerprint
-        if (!takeOver) return { inserted: false, record: toRecord(existing, leaseExpired) }
+    const ring = this.#ring
+    const hash = ring.hash(key)
+    const at = ring.find(key, hash)
+    if (at >= 0) {
+      if (ring.expiresAt(at) > now) return { inserted: false, record: this.#unpack(at) }
+      this.#removeFromRing(at)
+    } else {
+      const existing = this.#findEntry(key)
+      if (existing !== undefined) {
+        if (existing.expiresAt > now) {
+          const leaseExpired = existing.state === 'processing' && existing.leaseExpiresAt <= now
+          const takeOver = leaseExpired && record.takeOverExpiredLease && existing.fingerprint === record.fingerprint
+          if (!takeOver) return { inserted: false, record: toRecord(existing, leaseExpired) }
+        }
+        this.#removeEntry(key, existing)
       }
-      this.#remove(key, existing)
     }
     const size = ENTRY_OVERHEAD + key.length + record.fingerprint.length + record.owner.length
-    this.#records.set(key, {
+    this.#entries.set(key, {
       state: 'processing',
       fingerprint: record.fingerprint,
       owner: record.owner,
       expiresAt: record.expiresAt,
       leaseExpiresAt: now + record.lease,
-      renewed: false,
-      held: false,
+      hash,
+      sequence: 0,
       statusCode: 0,
       headers: undefined,
       body: undefined,
       size
     })
-    this.#grow(size, now)
+    this.#sweepBy(record.expiresAt)
+    this.#grow(size, now, -1)
     return INSERTED
   }
 
   lookup (key: string): IdempotencyRecord | undefined {
     const now = this.#now()
-    const entry = this.#find(key)
-    if (entry === undefined) return undefined
-    const record = typeof entry === 'string' ? this.#unpack(entry) : toRecord(entry, entry.state === 'processing' && entry.leaseExpiresAt <= now)
-    return record.expiresAt > now ? record : undefined
+    const ring = this.#ring
+    const at = ring.find(key, ring.hash(key))
+    if (at >= 0) return ring.expiresAt(at) > now ? this.#unpack(at) : undefined
+    const entry = this.#findEntry(key)
+    if (entry === undefined || entry.expiresAt <= now) return undefined
+    return toRecord(entry, entry.state === 'processing' && entry.leaseExpiresAt <= now)
   }
 
   update (key: string, owner: string, update: RecordUpdate): boolean {
     const now = this.#now()
-    const entry = this.#find(key)
-    if (entry === undefined || typeof entry === 'string' || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= now) {
+    const entry = this.#entries.get(key)
+    if (entry === undefined || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= now) {
       return false
     }
     if (update.state === 'processing') {
       entry.leaseExpiresAt = now + update.lease
       entry.expiresAt = Math.max(entry.expiresAt, entry.leaseExpiresAt)
-      entry.renewed = true
       return true
     }
     entry.state = update.state
     entry.expiresAt = update.expiresAt
     entry.owner = ''
-    if (entry.held && update.state === 'halted') this.#heldUntil(update.expiresAt, now)
-    if (update.state === 'completed') {
-      const response = update.response
-      const added = responseSize(response)
-      entry.size += added
-      let slot: Slot = entry
-      if (typeof response.body === 'string' && !TWO_BYTE.test(entry.fingerprint)) {
-        slot = packCompleted(update.expiresAt, entry.size, this.#useHeaders(response.headers), response.statusCode, entry.fingerprint, response.body)
-      } else {
-        entry.statusCode = response.statusCode
-        entry.headers = response.headers
-        entry.body = ownBytes(response.body)
-      }
-      // A request that ran long enough to renew its lease is the one whose client most likely
-      // timed out and will retry: it moves to the back, as one set aside does. Others keep their place.
-      if (entry.held || entry.renewed) {
-        this.#mapOf(entry).delete(key)
-        entry.held = false
-      }
-      this.#records.set(key, slot)
-      this.#grow(added, now, key)
+    if (update.state === 'halted') {
+      this.#sweepBy(update.expiresAt)
+      return true
     }
+    this.#entries.delete(key)
+    const response = update.response
+    const sequence = ++this.#sequence
+    const headers = this.#useHeaders(response.headers)
+    const body = response.body
+    const bodyBytes = typeof body === 'string' ? textBytes(body) : body.byteLength
+    const added = headers.bytes + bodyBytes
+    entry.size += added
+    const evicted = this.#evictedSinceWarning
+    const at = this.#ring.add(key, entry.hash, {
+      expiresAt: update.expiresAt,
+      sequence,
+      size: entry.size,
+      headersId: headers.id,
+      statusCode: response.statusCode,
+      fingerprint: entry.fingerprint,
+      body,
+      bodyBytes
+    })
+    if (at < 0) {
+      this.#releaseHeaders(headers.id)
+      entry.sequence = sequence
+      entry.statusCode = response.statusCode
+      entry.headers = response.headers
+      entry.body = ownBytes(body)
+      this.#large.set(key, entry)
+    }
+    this.#grow(added, now, sequence, this.#evictedSinceWarning !== evicted)
     return true
   }
 
   delete (key: string, owner: string): boolean {
-    const entry = this.#find(key)
-    if (entry === undefined || typeof entry === 'string' || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= this.#now()) {
+    const entry = this.#entries.get(key)
+    if (entry === undefined || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= this.#now()) {
       return false
     }
-    this.#remove(key, entry)
+    this.#removeEntry(key, entry)
     return true
   }
 
@@ -225,63 +245,78 @@ export class MemoryStore implements IdempotencyStore {
    * a promise then).
    */
   prune (): Awaitable<number> {
-    return this.#pruneChunk(this.#records.entries(), this.#held.entries(), 0)
+    return this.#pruneChunk(this.#ring.cursor(), this.#entries.entries(), this.#large.entries(), 0)
   }
 
-  // The iterators are live: records added or set aside meanwhile are visited too. #heldSweepAt
-  // is left as it is: at worst early, which costs one sweep of #held that finds less to remove.
-  #pruneChunk (records: MapIterator<[string, Slot]>, held: MapIterator<[string, Entry]>, removed: number): Awaitable<number> {
+  // The walks are live: records added meanwhile are visited too. #sweepAt is left as it is: at
+  // worst early, which costs one sweep that finds less to remove.
+  #pruneChunk (ring: RingCursor, entries: MapIterator<[string, Entry]>, large: MapIterator<[string, Entry]>, removed: number): Awaitable<number> {
     const now = this.#now()
     for (let steps = 0; steps < PRUNE_CHUNK; steps++) {
-      let next: IteratorResult<[string, Slot]> = records.next()
-      if (next.done === true) next = held.next()
+      const at = this.#ring.next(ring)
+      if (at >= 0) {
+        if (this.#ring.expiresAt(at) <= now) {
+          this.#removeFromRing(at)
+          removed++
+        }
+        continue
+      }
+      let next = entries.next()
+      if (next.done === true) next = large.next()
       if (next.done === true) {
+        this.#ring.shrink()
         // A cursor left over from before the Map resized would keep its old table, and with it
         // records removed since, alive: the next eviction starts afresh from a compacted Map.
-        this.#evictionCursor = undefined
+        this.#largeCursor = undefined
+        this.#largeOldest = undefined
         return removed
       }
       const [key, entry] = next.value
-      if (expiresAtOf(entry) <= now) {
-        this.#remove(key, entry)
+      if (entry.expiresAt <= now) {
+        this.#removeEntry(key, entry)
         removed++
       }
     }
     return new Promise<void>((resolve) => { setImmediate(resolve) })
-      .then(() => this.#pruneChunk(records, held, removed))
+      .then(() => this.#pruneChunk(ring, entries, large, removed))
   }
 
-  // Most stores never set a record aside: a lookup then costs one Map lookup.
-  #find (key: string): Slot | undefined {
-    const entry = this.#records.get(key)
-    return entry !== undefined || this.#held.size === 0 ? entry : this.#held.get(key)
+  // Most stores never keep a record too large for the ring: a lookup then costs one Map lookup.
+  #findEntry (key: string): Entry | undefined {
+    const entry = this.#entries.get(key)
+    return entry !== undefined || this.#large.size === 0 ? entry : this.#large.get(key)
   }
 
-  #mapOf (entry: Slot): Map<string, Slot> {
-    return typeof entry !== 'string' && entry.held ? this.#held : this.#records
-  }
-
-  #remove (key: string, entry: Slot): void {
-    this.#mapOf(entry).delete(key)
-    if (typeof entry === 'string') {
-      // The packed size and header set, the second and third numbers.
-      const sizeStart = entry.indexOf(' ') + 1
-      this.#bytes -= packedInteger(entry, sizeStart)
-      this.#releaseHeaders(packedInteger(entry, entry.indexOf(' ', sizeStart) + 1))
+  #removeEntry (key: string, entry: Entry): void {
+    if (entry.state === 'completed') {
+      this.#large.delete(key)
+      if (this.#largeOldest?.[1] === entry) this.#largeOldest = undefined
     } else {
-      this.#bytes -= entry.size
+      this.#entries.delete(key)
     }
+    this.#bytes -= entry.size
   }
 
-  #useHeaders (headers: Headers): number {
+  #removeFromRing (at: number): void {
+    this.#forget(at)
+    this.#ring.remove(at)
+  }
+
+  // What a ring record holds outside the ring: its bytes' account and its header set.
+  #forget (at: number): void {
+    this.#bytes -= this.#ring.size(at)
+    this.#releaseHeaders(this.#ring.headersId(at))
+  }
+
+  #useHeaders (headers: Headers): HeaderSet {
     let set = this.#headerSets.get(headers)
     if (set === undefined) {
-      set = { id: this.#freeHeaderIds.pop() ?? this.#headerSetsById.length, headers, uses: 0 }
+      set = { id: this.#freeHeaderIds.pop() ?? this.#headerSetsById.length, headers, bytes: headerBytes(headers), uses: 0 }
       this.#headerSetsById[set.id] = set
       this.#headerSets.set(headers, set)
     }
     set.uses++
-    return set.id
+    return set
   }
 
   #releaseHeaders (id: number): void {
@@ -292,75 +327,46 @@ export class MemoryStore implements IdempotencyStore {
     this.#freeHeaderIds.push(id)
   }
 
-  #unpack (packed: string): IdempotencyRecord {
-    const expiresEnd = packed.indexOf(' ')
-    const sizeEnd = packed.indexOf(' ', expiresEnd + 1)
-    const headersEnd = packed.indexOf(' ', sizeEnd + 1)
-    const statusEnd = packed.indexOf(' ', headersEnd + 1)
-    const lengthEnd = packed.indexOf(' ', statusEnd + 1)
-    const bodyStart = lengthEnd + 1 + packedInteger(packed, statusEnd + 1)
-    const headers = (this.#headerSetsById[packedInteger(packed, sizeEnd + 1)] as HeaderSet).headers
+  #unpack (at: number): IdempotencyRecord {
+    const ring = this.#ring
     return {
       state: 'completed',
-      fingerprint: packed.slice(lengthEnd + 1, bodyStart),
-      expiresAt: packedExpiresAt(packed),
+      fingerprint: ring.fingerprint(at),
+      expiresAt: ring.expiresAt(at),
       leaseExpired: false,
-      response: { statusCode: Number(packed.slice(headersEnd + 1, statusEnd)), headers, body: packed.slice(bodyStart) }
+      response: {
+        statusCode: ring.statusCode(at),
+        headers: (this.#headerSetsById[ring.headersId(at)] as HeaderSet).headers,
+        body: ring.body(at)
+      }
     }
   }
 
-  #hold (key: string, entry: Entry, now: number): void {
-    this.#records.delete(key)
-    entry.held = true
-    this.#held.set(key, entry)
-    this.#heldUntil(entry.expiresAt, now)
+  #sweepBy (expiresAt: number): void {
+    if (expiresAt < this.#sweepAt) this.#sweepAt = Math.max(expiresAt, this.#sweptAt + SWEEP_INTERVAL)
   }
 
-  #heldUntil (expiresAt: number, now: number): void {
-    this.#heldSweepAt = Math.min(this.#heldSweepAt, Math.max(expiresAt, now + HELD_SWEEP_INTERVAL))
-  }
-
-  #sweepHeld (now: number): void {
+  #sweep (now: number): void {
     let earliest = Infinity
-    for (const [key, entry] of this.#held) {
-      if (entry.expiresAt <= now) this.#remove(key, entry)
+    for (const [key, entry] of this.#entries) {
+      if (entry.expiresAt <= now) this.#removeEntry(key, entry)
       else if (entry.expiresAt < earliest) earliest = entry.expiresAt
     }
-    this.#heldSweepAt = earliest === Infinity ? Infinity : Math.max(earliest, now + HELD_SWEEP_INTERVAL)
+    this.#sweptAt = now
+    this.#sweepAt = earliest === Infinity ? Infinity : Math.max(earliest, now + SWEEP_INTERVAL)
   }
 
-  // `keep` is the key of the record that just grew: it is never evicted, even when it alone is
-  // larger than maxBytes, because losing a response that was just sent would let a retry run the
-  // handler again.
-  #grow (size: number, now: number, keep?: string): void {
+  // `keep` is the completion sequence of the record just stored: it is never evicted, even when it
+  // alone is larger than maxBytes, because losing a response that was just sent would let a
+  // retry run the handler again. `dropped`: the ring dropped records to make room for it.
+  #grow (size: number, now: number, keep: number, dropped = false): void {
     this.#bytes += size
-    if (this.#bytes <= this.maxBytes) return
-    let evicted = 0
-    let keptOnTheWay = false
-    if (now >= this.#heldSweepAt) this.#sweepHeld(now)
-    while (this.#bytes > this.maxBytes) {
-      this.#evictionCursor ??= this.#records.entries()
-      const next = this.#evictionCursor.next()
-      if (next.done === true) {
-        // All that is left is set aside or just stored: the next sweep starts over.
-        this.#evictionCursor = undefined
-        break
-      }
-      const [key, entry] = next.value
-      if (expiresAtOf(entry) <= now) {
-        this.#remove(key, entry)
-      } else if (typeof entry !== 'string' && entry.state !== 'completed') {
-        this.#hold(key, entry, now)
-      } else if (key !== keep) {
-        this.#remove(key, entry)
-        evicted++
-      } else {
-        keptOnTheWay = true
-      }
+    if (this.#bytes > this.maxBytes) {
+      if (now >= this.#sweepAt) this.#sweep(now)
+      while (this.#bytes > this.maxBytes && this.#evictOldest(now, keep));
+    } else if (!dropped) {
+      return
     }
-    // The record just kept is the oldest left: the next sweep starts over, and with it.
-    if (keptOnTheWay) this.#evictionCursor = undefined
-    this.#evictedSinceWarning += evicted
     if (this.#logger !== undefined && this.#evictedSinceWarning > 0 && now - this.#lastWarningAt >= EVICTION_WARNING_INTERVAL) {
       this.#logger.warn(
         { evicted: this.#evictedSinceWarning, maxBytes: this.maxBytes },
@@ -369,6 +375,35 @@ export class MemoryStore implements IdempotencyStore {
       this.#lastWarningAt = now
       this.#evictedSinceWarning = 0
     }
+  }
+
+  // Removes the oldest completed record, of the ring's and the large ones; answers false when
+  // there is none but `keep`. An expired one is removed without counting as an eviction.
+  #evictOldest (now: number, keep: number): boolean {
+    const ring = this.#ring
+    const at = ring.oldest()
+    const large = this.#oldestLarge()
+    if (at >= 0 && (large === undefined || ring.sequence(at) < large[1].sequence)) {
+      if (ring.sequence(at) === keep) return false
+      if (ring.expiresAt(at) > now) this.#evictedSinceWarning++
+      this.#removeFromRing(at)
+      return true
+    }
+    if (large === undefined || large[1].sequence === keep) return false
+    if (large[1].expiresAt > now) this.#evictedSinceWarning++
+    this.#removeEntry(large[0], large[1])
+    return true
+  }
+
+  #oldestLarge (): [string, Entry] | undefined {
+    if (this.#large.size === 0) return undefined
+    if (this.#largeOldest === undefined) {
+      // Never at its end: every record it passed was evicted before it went on, and those added
+      // since are after it.
+      this.#largeCursor ??= this.#large.entries()
+      this.#largeOldest = this.#largeCursor.next().value as [string, Entry]
+    }
+    return this.#largeOldest
   }
 }
 
@@ -394,42 +429,8 @@ function ownBytes (body: Buffer | string): Buffer | string {
   return own
 }
 
-// A string body is counted by its length: V8 keeps most strings at one byte per character.
-function responseSize (response: StoredResponse): number {
-  let size = response.body.length
-  for (const name in response.headers) {
-    size += name.length + String(response.headers[name]).length
-  }
-  return size
-}
-
-// A completed record with a text body, the common case, is kept as one string: its numbers,
-// then its fingerprint and its body. A record of objects (an entry, its numbers boxed, its
-// strings) is five objects for the garbage collector to copy and mark for as long as the
-// record lives; this is one, besides its key. The fields eviction reads come first.
-function packCompleted (expiresAt: number, size: number, headersId: number, statusCode: number, fingerprint: string, body: string): string {
-  // Joined rather than concatenated: a join makes one flat string, where `+` would keep a tree of
-  // its parts alive.
-  return [expiresAt, size, headersId, statusCode, fingerprint.length, fingerprint + body].join(' ')
-}
-
-function expiresAtOf (slot: Slot): number {
-  return typeof slot === 'string' ? packedExpiresAt(slot) : slot.expiresAt
-}
-
-// Read digit by digit, since prune reads it for every record: a third of the time of slicing it
-// out and converting that. Anything but a plain integer of up to 15 digits (always exact) goes
-// through parseFloat, which reads a number up to the space that ends it.
-function packedExpiresAt (packed: string): number {
-  let value = 0
-  let at = 0
-  for (let code = packed.charCodeAt(0); code >= ZERO && code <= NINE; code = packed.charCodeAt(++at)) value = value * 10 + code - ZERO
-  return at > 0 && at <= 15 && packed.charCodeAt(at) === SPACE ? value : parseFloat(packed)
-}
-
-/** The store's own non-negative integer that starts at `from`. */
-function packedInteger (packed: string, from: number): number {
-  let value = 0
-  for (let code = packed.charCodeAt(from); code >= ZERO && code <= NINE; code = packed.charCodeAt(++from)) value = value * 10 + code - ZERO
-  return value
+function headerBytes (headers: Headers): number {
+  let bytes = 0
+  for (const name in headers) bytes += name.length + String(headers[name]).length
+  return bytes
 }

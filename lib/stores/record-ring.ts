@@ -1,0 +1,433 @@
+import { randomBytes } from 'node:crypto'
+
+/** A completed record's fields, as the memory store hands them to the ring. */
+export interface RingRecord {
+  expiresAt: number
+  /** Completion order across the memory store, which keeps some records outside the ring. */
+  sequence: number
+  /** Bytes the memory store accounts to the record. */
+  size: number
+  headersId: number
+  statusCode: number
+  fingerprint: string
+  body: Buffer | string
+  /** The body's bytes in the ring: its length, or `textBytes` of text. */
+  bodyBytes: number
+}
+
+/** Where a walk over the ring's records stands (see `RecordRing.next`). */
+export interface RingCursor {
+  at: number
+  /** Bytes the ring's head had passed, in all, when it stood at `at`. */
+  passed: number
+  epoch: number
+}
+
+// A record is a header of numbers, then its key, fingerprint and body, padded to a multiple of 8
+// bytes. Indexes below are into the ring's Uint32Array or Float64Array views, from the record's start.
+const LENGTH = 0
+const FLAGS = 1
+const EXPIRES_AT = 1 // Float64Array: bytes 8 to 15
+const SEQUENCE = 2 // Float64Array: bytes 16 to 23
+const HASH = 6
+const SIZE = 7
+const HEADERS_ID = 8
+const STATUS_CODE = 9
+const KEY_BYTES = 10
+const FINGERPRINT_BYTES = 11
+const BODY_BYTES = 12
+const HEADER_BYTES = 56
+
+const LIVE = 1
+// Fills the end of the ring that a record did not fit in: the next record is at offset 0.
+const PAD = 2
+const BUFFER_BODY = 4
+// Text is kept as Latin-1 bytes when it is all ASCII, else as UTF-16 units: either way, exactly.
+const KEY_UTF16 = 8
+const FINGERPRINT_UTF16 = 16
+const BODY_UTF16 = 32
+
+const INITIAL_CAPACITY = 64 * 1024
+// A larger body is better kept as the object it is: it alone outweighs an object's cost to the
+// garbage collector, and a replay would copy it out of the ring.
+const BODY_LIMIT = 16 * 1024
+const INITIAL_SLOTS = 1024
+
+/**
+ * The memory store's completed records, outside V8's heap: one Buffer holds them in the order
+ * they were stored, oldest first, and an open-addressing table of offsets finds them by key. The
+ * garbage collector sees a few objects, however many records there are; a record costs no object
+ * until it is read.
+ *
+ * The Buffer grows as records arrive, up to `maxCapacity`, then is reused from the start: a record
+ * that needs room takes it from the oldest (`onDrop` is told of each live one that goes).
+ */
+export class RecordRing {
+  readonly maxCapacity: number
+  #onDrop: (at: number) => void
+  #buffer: Buffer
+  #u32: Uint32Array
+  #f64: Float64Array
+  #head = 0
+  #tail = 0
+  /** Bytes from head to tail: records, removed ones and padding. */
+  #used = 0
+  /** Bytes of removed records between head and tail. */
+  #removed = 0
+  #headPassed = 0
+  /** Changes when records move to another buffer: offsets held by a walk are then stale. */
+  #epoch = 0
+  // Linear probing, load at most one half. A slot holds a record's offset + 1, or 0 when empty.
+  #slots = new Int32Array(INITIAL_SLOTS)
+  #hashes = new Int32Array(INITIAL_SLOTS)
+  #mask = INITIAL_SLOTS - 1
+  #count = 0
+  // Keys are the client's text: a seed of this process's own keeps anyone from choosing keys
+  // that collide, as V8 seeds its own string hashes.
+  #seed = randomBytes(4).readInt32LE()
+
+  constructor (maxCapacity: number, onDrop: (at: number) => void) {
+    this.maxCapacity = maxCapacity - (maxCapacity % 8)
+    this.#onDrop = onDrop
+    this.#buffer = Buffer.allocUnsafeSlow(Math.min(this.maxCapacity, INITIAL_CAPACITY))
+    this.#u32 = new Uint32Array(this.#buffer.buffer)
+    this.#f64 = new Float64Array(this.#buffer.buffer)
+  }
+
+  /** Live records. */
+  get count (): number {
+    return this.#count
+  }
+
+  /** Bytes of the Buffer that holds them. */
+  get capacity (): number {
+    return this.#buffer.byteLength
+  }
+
+  hash (key: string): number {
+    let hash = this.#seed
+    for (let index = 0; index < key.length; index++) hash = Math.imul(hash ^ key.charCodeAt(index), 0x01000193)
+    // FNV-1a's low bits, which pick the slot, are weak: mixed as in MurmurHash3's finish.
+    hash = Math.imul(hash ^ (hash >>> 16), 0x85ebca6b)
+    hash = Math.imul(hash ^ (hash >>> 13), 0xc2b2ae35)
+    return hash ^ (hash >>> 16)
+  }
+
+  /** The offset of the live record under `key`, or -1. */
+  find (key: string, hash: number): number {
+    const slots = this.#slots
+    const mask = this.#mask
+    for (let slot = hash & mask; slots[slot] !== 0; slot = (slot + 1) & mask) {
+      if (this.#hashes[slot] === hash) {
+        const at = (slots[slot] as number) - 1
+        if (this.#holdsKey(at, key)) return at
+      }
+    }
+    return -1
+  }
+
+  /**
+   * Stores a record under `key` (which holds no live record) and answers its offset, or -1 when
+   * its body is over 16 KiB or it is larger than half the ring could ever be: the caller keeps
+   * such a record itself.
+   */
+  add (key: string, hash: number, record: RingRecord): number {
+    if (record.bodyBytes > BODY_LIMIT) return -1
+    const keyBytes = textBytes(key)
+    const keyWide = keyBytes !== key.length
+    const fingerprintBytes = textBytes(record.fingerprint)
+    const fingerprintWide = fingerprintBytes !== record.fingerprint.length
+    const body = record.body
+    const bodyIsBuffer = typeof body !== 'string'
+    const bodyBytes = record.bodyBytes
+    const bodyWide = !bodyIsBuffer && bodyBytes !== body.length
+    const length = (HEADER_BYTES + keyBytes + fingerprintBytes + bodyBytes + 7) & ~7
+    if (length > this.maxCapacity / 2) return -1
+    const at = this.#reserve(length)
+    const buffer = this.#buffer
+    const u32 = this.#u32
+    const word = at >> 2
+    u32[word + LENGTH] = length
+    u32[word + FLAGS] = LIVE | (bodyIsBuffer ? BUFFER_BODY : 0) | (keyWide ? KEY_UTF16 : 0) | (fingerprintWide ? FINGERPRINT_UTF16 : 0) | (bodyWide ? BODY_UTF16 : 0)
+    u32[word + HASH] = hash
+    u32[word + SIZE] = record.size
+    this.#f64[(at >> 3) + EXPIRES_AT] = record.expiresAt
+    this.#f64[(at >> 3) + SEQUENCE] = record.sequence
+    u32[word + HEADERS_ID] = record.headersId
+    u32[word + STATUS_CODE] = record.statusCode
+    u32[word + KEY_BYTES] = keyBytes
+    u32[word + FINGERPRINT_BYTES] = fingerprintBytes
+    u32[word + BODY_BYTES] = bodyBytes
+    let next = at + HEADER_BYTES
+    next += buffer.write(key, next, keyWide ? 'utf16le' : 'latin1')
+    next += buffer.write(record.fingerprint, next, fingerprintWide ? 'utf16le' : 'latin1')
+    if (bodyIsBuffer) buffer.set(body, next)
+    else buffer.write(body, next, bodyWide ? 'utf16le' : 'latin1')
+    this.#index(hash, at)
+    this.#count++
+    return at
+  }
+
+  /** Removes the live record at `at`: it no longer answers to its key, and its bytes are reused. */
+  remove (at: number): void {
+    const u32 = this.#u32
+    u32[(at >> 2) + FLAGS] = (u32[(at >> 2) + FLAGS] as number) & ~LIVE
+    this.#unindex(at)
+    this.#count--
+    this.#removed += u32[at >> 2] as number
+    if (at === this.#head) this.#dropRemoved()
+  }
+
+  /** The oldest live record's offset, or -1 when there is none. */
+  oldest (): number {
+    this.#dropRemoved()
+    return this.#used === 0 ? -1 : this.#head
+  }
+
+  expiresAt (at: number): number {
+    return this.#f64[(at >> 3) + EXPIRES_AT] as number
+  }
+
+  sequence (at: number): number {
+    return this.#f64[(at >> 3) + SEQUENCE] as number
+  }
+
+  size (at: number): number {
+    return this.#u32[(at >> 2) + SIZE] as number
+  }
+
+  headersId (at: number): number {
+    return this.#u32[(at >> 2) + HEADERS_ID] as number
+  }
+
+  statusCode (at: number): number {
+    return this.#u32[(at >> 2) + STATUS_CODE] as number
+  }
+
+  fingerprint (at: number): string {
+    const start = at + HEADER_BYTES + (this.#u32[(at >> 2) + KEY_BYTES] as number)
+    const end = start + (this.#u32[(at >> 2) + FINGERPRINT_BYTES] as number)
+    return this.#buffer.toString(this.#flag(at, FINGERPRINT_UTF16) ? 'utf16le' : 'latin1', start, end)
+  }
+
+  /** The body, as text or a Buffer as it was given: a copy, since the ring reuses its bytes. */
+  body (at: number): Buffer | string {
+    const word = at >> 2
+    const start = at + HEADER_BYTES + (this.#u32[word + KEY_BYTES] as number) + (this.#u32[word + FINGERPRINT_BYTES] as number)
+    const end = start + (this.#u32[word + BODY_BYTES] as number)
+    if (!this.#flag(at, BUFFER_BODY)) return this.#buffer.toString(this.#flag(at, BODY_UTF16) ? 'utf16le' : 'latin1', start, end)
+    const copy = Buffer.allocUnsafe(end - start)
+    this.#buffer.copy(copy, 0, start, end)
+    return copy
+  }
+
+  /** A walk over the live records, oldest first, that records added meanwhile join. */
+  cursor (): RingCursor {
+    return { at: this.#head, passed: this.#headPassed, epoch: this.#epoch }
+  }
+
+  /**
+   * The next live record of a walk, or -1 at its end. A walk goes on from the head if the records
+   * it stood among went meanwhile, or moved to another buffer (then it sees some records again).
+   */
+  next (cursor: RingCursor): number {
+    // A walk at the head goes on from it wherever it is now: an emptied ring starts again at 0.
+    if (cursor.epoch !== this.#epoch || cursor.passed <= this.#headPassed) {
+      cursor.at = this.#head
+      cursor.passed = this.#headPassed
+      cursor.epoch = this.#epoch
+    }
+    const u32 = this.#u32
+    while (cursor.passed < this.#headPassed + this.#used) {
+      const at = cursor.at
+      const length = u32[at >> 2] as number
+      const live = ((u32[(at >> 2) + FLAGS] as number) & LIVE) !== 0
+      cursor.at = at + length === this.#buffer.byteLength ? 0 : at + length
+      cursor.passed += length
+      if (live) return at
+    }
+    return -1
+  }
+
+  /** Moves the records into a Buffer of their size when they take a quarter of a larger one. */
+  shrink (): void {
+    let capacity = this.#buffer.byteLength
+    while (capacity > INITIAL_CAPACITY && (this.#used - this.#removed) * 4 < capacity) {
+      capacity = Math.max(INITIAL_CAPACITY, capacity / 2 - ((capacity / 2) % 8))
+    }
+    if (capacity < this.#buffer.byteLength) this.#moveTo(capacity)
+  }
+
+  // Makes room for `length` contiguous bytes at the tail, and takes them.
+  #reserve (length: number): number {
+    for (;;) {
+      const capacity = this.#buffer.byteLength
+      if (this.#used === 0) {
+        this.#head = 0
+        this.#tail = 0
+      }
+      const head = this.#head
+      const tail = this.#tail
+      // Head and tail meet only when the ring is empty (both then 0) or full.
+      if (this.#used < capacity) {
+        if (tail >= head) {
+          if (capacity - tail >= length) return this.#take(length)
+          // The end is too short: padding fills it, and the record goes to the start.
+          if (head >= length) {
+            this.#u32[tail >> 2] = capacity - tail
+            this.#u32[(tail >> 2) + FLAGS] = PAD
+            this.#used += capacity - tail
+            this.#tail = 0
+            return this.#take(length)
+          }
+        } else if (head - tail >= length) {
+          return this.#take(length)
+        }
+      }
+      if (capacity < this.maxCapacity) {
+        this.#moveTo(Math.min(capacity * 2, this.maxCapacity))
+      } else if (this.#removed >= capacity / 4) {
+        this.#moveTo(capacity)
+      } else {
+        this.#dropHead()
+      }
+    }
+  }
+
+  #take (length: number): number {
+    const at = this.#tail
+    this.#used += length
+    this.#tail = at + length === this.#buffer.byteLength ? 0 : at + length
+    return at
+  }
+
+  #dropHead (): void {
+    const at = this.#head
+    const length = this.#u32[at >> 2] as number
+    const flags = this.#u32[(at >> 2) + FLAGS] as number
+    if ((flags & LIVE) !== 0) {
+      this.#onDrop(at)
+      this.#unindex(at)
+      this.#count--
+    } else if ((flags & PAD) === 0) {
+      this.#removed -= length
+    }
+    this.#used -= length
+    this.#headPassed += length
+    this.#head = at + length === this.#buffer.byteLength ? 0 : at + length
+  }
+
+  // Removed records and padding at the head go at once: the oldest is then a live record.
+  #dropRemoved (): void {
+    while (this.#used > 0 && ((this.#u32[(this.#head >> 2) + FLAGS] as number) & LIVE) === 0) this.#dropHead()
+  }
+
+  // Copies the live records, oldest first, to the start of a new Buffer of `capacity` bytes.
+  #moveTo (capacity: number): void {
+    const from = this.#buffer
+    const to = Buffer.allocUnsafeSlow(capacity)
+    const u32 = this.#u32
+    let at = this.#head
+    let written = 0
+    for (let left = this.#used; left > 0;) {
+      const length = u32[at >> 2] as number
+      if (((u32[(at >> 2) + FLAGS] as number) & LIVE) !== 0) {
+        from.copy(to, written, at, at + length)
+        written += length
+      }
+      left -= length
+      at = at + length === from.byteLength ? 0 : at + length
+    }
+    this.#buffer = to
+    this.#u32 = new Uint32Array(to.buffer)
+    this.#f64 = new Float64Array(to.buffer)
+    this.#headPassed += this.#used
+    this.#head = 0
+    // Never full: a move is to a Buffer larger than what it holds (see #reserve and shrink).
+    this.#tail = written
+    this.#used = written
+    this.#removed = 0
+    this.#epoch++
+    this.#slots.fill(0)
+    for (at = 0; at < written; at += this.#u32[at >> 2] as number) this.#index((this.#u32[(at >> 2) + HASH] as number) | 0, at)
+  }
+
+  #flag (at: number, flag: number): boolean {
+    return ((this.#u32[(at >> 2) + FLAGS] as number) & flag) !== 0
+  }
+
+  #holdsKey (at: number, key: string): boolean {
+    const buffer = this.#buffer
+    const start = at + HEADER_BYTES
+    const bytes = this.#u32[(at >> 2) + KEY_BYTES] as number
+    if (this.#flag(at, KEY_UTF16)) {
+      if (bytes !== key.length * 2) return false
+      for (let index = 0; index < key.length; index++) {
+        if (((buffer[start + index * 2] as number) | ((buffer[start + index * 2 + 1] as number) << 8)) !== key.charCodeAt(index)) return false
+      }
+      return true
+    }
+    if (bytes !== key.length) return false
+    for (let index = 0; index < bytes; index++) {
+      if (buffer[start + index] !== key.charCodeAt(index)) return false
+    }
+    return true
+  }
+
+  #index (hash: number, at: number): void {
+    if ((this.#count + 1) * 2 > this.#slots.length) this.#resizeIndex(this.#slots.length * 2)
+    const slots = this.#slots
+    const mask = this.#mask
+    let slot = hash & mask
+    while (slots[slot] !== 0) slot = (slot + 1) & mask
+    slots[slot] = at + 1
+    this.#hashes[slot] = hash
+  }
+
+  // Linear probing's deletion: the records after the emptied slot that would no longer be found
+  // move back into it, so that no slot needs a mark of its own.
+  #unindex (at: number): void {
+    const slots = this.#slots
+    const hashes = this.#hashes
+    const mask = this.#mask
+    let hole = (this.#u32[(at >> 2) + HASH] as number) & mask
+    while (slots[hole] !== at + 1) hole = (hole + 1) & mask
+    for (let slot = (hole + 1) & mask; slots[slot] !== 0; slot = (slot + 1) & mask) {
+      const home = (hashes[slot] as number) & mask
+      // The record at `slot` may move to the hole unless its home lies cyclically in (hole, slot].
+      const stays = hole <= slot ? home > hole && home <= slot : home > hole || home <= slot
+      if (!stays) {
+        slots[hole] = slots[slot] as number
+        hashes[hole] = hashes[slot] as number
+        hole = slot
+      }
+    }
+    slots[hole] = 0
+  }
+
+  #resizeIndex (size: number): void {
+    const slots = this.#slots
+    const hashes = this.#hashes
+    this.#slots = new Int32Array(size)
+    this.#hashes = new Int32Array(size)
+    this.#mask = size - 1
+    for (let slot = 0; slot < slots.length; slot++) {
+      const value = slots[slot] as number
+      if (value === 0) continue
+      let to = (hashes[slot] as number) & this.#mask
+      while (this.#slots[to] !== 0) to = (to + 1) & this.#mask
+      this.#slots[to] = value
+      this.#hashes[to] = hashes[slot] as number
+    }
+  }
+}
+
+/** Bytes text takes in the ring: one per character when it is all ASCII, else two (UTF-16). */
+export function textBytes (text: string): number {
+  // Short text is looked at in JavaScript; longer text is counted by Node, which is faster there.
+  if (text.length > 64) return Buffer.byteLength(text) === text.length ? text.length : text.length * 2
+  for (let index = 0; index < text.length; index++) {
+    if (text.charCodeAt(index) > 0x7f) return text.length * 2
+  }
+  return text.length
+}
