@@ -121,8 +121,9 @@ export class MemoryStore implements IdempotencyStore {
     this.maxBytes = settings.maxBytes
     this.#now = settings.now ?? Date.now
     this.#logger = settings.logger
-    // The ring drops its oldest records when it has no room left for a new one.
-    this.#ring = new RecordRing(settings.maxBytes, (at) => {
+    // The ring drops its oldest records when it has no room left for a new one. Every record
+    // counts at least ENTRY_OVERHEAD bytes: no more than that many fit in maxBytes.
+    this.#ring = new RecordRing(settings.maxBytes, Math.floor(settings.maxBytes / ENTRY_OVERHEAD) + 1, (at) => {
       if (this.#ring.expiresAt(at) > this.#now()) this.#evictedSinceWarning++
       this.#forget(at)
     })
@@ -264,7 +265,6 @@ export class MemoryStore implements IdempotencyStore {
       let next = entries.next()
       if (next.done === true) next = large.next()
       if (next.done === true) {
-        this.#ring.shrink()
         // A cursor left over from before the Map resized would keep its old table, and with it
         // records removed since, alive: the next eviction starts afresh from a compacted Map.
         this.#largeCursor = undefined

@@ -20,7 +20,6 @@ export interface RingCursor {
   at: number
   /** Bytes the ring's head had passed, in all, when it stood at `at`. */
   passed: number
-  epoch: number
 }
 
 // A record is a header of numbers, then its key, fingerprint and body, padded to a multiple of 8
@@ -47,11 +46,9 @@ const KEY_UTF16 = 8
 const FINGERPRINT_UTF16 = 16
 const BODY_UTF16 = 32
 
-const INITIAL_CAPACITY = 64 * 1024
 // A larger body is better kept as the object it is: it alone outweighs an object's cost to the
 // garbage collector, and a replay would copy it out of the ring.
 const BODY_LIMIT = 16 * 1024
-const INITIAL_SLOTS = 1024
 
 /**
  * The memory store's completed records, outside V8's heap: one Buffer holds them in the order
@@ -59,39 +56,42 @@ const INITIAL_SLOTS = 1024
  * garbage collector sees a few objects, however many records there are; a record costs no object
  * until it is read.
  *
- * The Buffer grows as records arrive, up to `maxCapacity`, then is reused from the start: a record
- * that needs room takes it from the oldest (`onDrop` is told of each live one that goes).
+ * The Buffer and the table are allocated at their full size when the first record arrives, and
+ * never move: the pages of memory they take are only those written to, and no record is ever
+ * copied (a copy of a large ring would hold the event loop for tens of milliseconds). A record
+ * that needs room takes it from the oldest (`onDrop` is told of each live one that goes); the
+ * room of a record removed before its turn is taken again when the ring comes round to it.
  */
 export class RecordRing {
   readonly maxCapacity: number
+  /** Live records it holds at most: it drops the oldest rather than hold more. */
+  readonly maxCount: number
   #onDrop: (at: number) => void
-  #buffer: Buffer
-  #u32: Uint32Array
-  #f64: Float64Array
+  #buffer = Buffer.alloc(0)
+  #u32 = new Uint32Array(0)
+  #f64 = new Float64Array(0)
   #head = 0
   #tail = 0
   /** Bytes from head to tail: records, removed ones and padding. */
   #used = 0
-  /** Bytes of removed records between head and tail. */
-  #removed = 0
   #headPassed = 0
-  /** Changes when records move to another buffer: offsets held by a walk are then stale. */
-  #epoch = 0
   // Linear probing, load at most one half. A slot holds a record's offset + 1, or 0 when empty.
-  #slots = new Int32Array(INITIAL_SLOTS)
-  #hashes = new Int32Array(INITIAL_SLOTS)
-  #mask = INITIAL_SLOTS - 1
+  #slots = new Int32Array(1)
+  #hashes = new Int32Array(1)
+  #mask = 0
   #count = 0
-  // Keys are the client's text: a seed of this process's own keeps anyone from choosing keys
-  // that collide, as V8 seeds its own string hashes.
-  #seed = randomBytes(4).readInt32LE()
+  // HalfSipHash-1-3's key, of this process's own: keys are the client's text, and a keyed hash
+  // keeps anyone who does not know it from choosing keys that collide.
+  #k0: number
+  #k1: number
 
-  constructor (maxCapacity: number, onDrop: (at: number) => void) {
+  constructor (maxCapacity: number, maxCount: number, onDrop: (at: number) => void) {
     this.maxCapacity = maxCapacity - (maxCapacity % 8)
+    this.maxCount = maxCount
     this.#onDrop = onDrop
-    this.#buffer = Buffer.allocUnsafeSlow(Math.min(this.maxCapacity, INITIAL_CAPACITY))
-    this.#u32 = new Uint32Array(this.#buffer.buffer)
-    this.#f64 = new Float64Array(this.#buffer.buffer)
+    const key = randomBytes(8)
+    this.#k0 = key.readInt32LE(0)
+    this.#k1 = key.readInt32LE(4)
   }
 
   /** Live records. */
@@ -99,18 +99,34 @@ export class RecordRing {
     return this.#count
   }
 
-  /** Bytes of the Buffer that holds them. */
-  get capacity (): number {
-    return this.#buffer.byteLength
-  }
-
+  /** HalfSipHash-1-3 of the key's UTF-16 units, two to a word. */
   hash (key: string): number {
-    let hash = this.#seed
-    for (let index = 0; index < key.length; index++) hash = Math.imul(hash ^ key.charCodeAt(index), 0x01000193)
-    // FNV-1a's low bits, which pick the slot, are weak: mixed as in MurmurHash3's finish.
-    hash = Math.imul(hash ^ (hash >>> 16), 0x85ebca6b)
-    hash = Math.imul(hash ^ (hash >>> 13), 0xc2b2ae35)
-    return hash ^ (hash >>> 16)
+    let v0 = this.#k0
+    let v1 = this.#k1
+    let v2 = this.#k0 ^ 0x6c796765
+    let v3 = this.#k1 ^ 0x74656462
+    const length = key.length
+    const last = length - (length & 1)
+    for (let index = 0; index <= last; index += 2) {
+      // The last word holds the odd unit, if any, and the length in bytes in its top byte.
+      const word = index < last
+        ? key.charCodeAt(index) | (key.charCodeAt(index + 1) << 16)
+        : (index < length ? key.charCodeAt(index) : 0) | (length << 25)
+      v3 ^= word
+      v0 = (v0 + v1) | 0; v1 = rotate(v1, 5) ^ v0; v0 = rotate(v0, 16)
+      v2 = (v2 + v3) | 0; v3 = rotate(v3, 8) ^ v2
+      v0 = (v0 + v3) | 0; v3 = rotate(v3, 7) ^ v0
+      v2 = (v2 + v1) | 0; v1 = rotate(v1, 13) ^ v2; v2 = rotate(v2, 16)
+      v0 ^= word
+    }
+    v2 ^= 0xff
+    for (let round = 0; round < 3; round++) {
+      v0 = (v0 + v1) | 0; v1 = rotate(v1, 5) ^ v0; v0 = rotate(v0, 16)
+      v2 = (v2 + v3) | 0; v3 = rotate(v3, 8) ^ v2
+      v0 = (v0 + v3) | 0; v3 = rotate(v3, 7) ^ v0
+      v2 = (v2 + v1) | 0; v1 = rotate(v1, 13) ^ v2; v2 = rotate(v2, 16)
+    }
+    return v1 ^ v3
   }
 
   /** The offset of the live record under `key`, or -1. */
@@ -143,6 +159,8 @@ export class RecordRing {
     const bodyWide = !bodyIsBuffer && bodyBytes !== body.length
     const length = (HEADER_BYTES + keyBytes + fingerprintBytes + bodyBytes + 7) & ~7
     if (length > this.maxCapacity / 2) return -1
+    if (this.#buffer.byteLength === 0) this.#allocate()
+    while (this.#count >= this.maxCount) this.#dropHead()
     const at = this.#reserve(length)
     const buffer = this.#buffer
     const u32 = this.#u32
@@ -174,7 +192,6 @@ export class RecordRing {
     u32[(at >> 2) + FLAGS] = (u32[(at >> 2) + FLAGS] as number) & ~LIVE
     this.#unindex(at)
     this.#count--
-    this.#removed += u32[at >> 2] as number
     if (at === this.#head) this.#dropRemoved()
   }
 
@@ -223,19 +240,18 @@ export class RecordRing {
 
   /** A walk over the live records, oldest first, that records added meanwhile join. */
   cursor (): RingCursor {
-    return { at: this.#head, passed: this.#headPassed, epoch: this.#epoch }
+    return { at: this.#head, passed: this.#headPassed }
   }
 
   /**
    * The next live record of a walk, or -1 at its end. A walk goes on from the head if the records
-   * it stood among went meanwhile, or moved to another buffer (then it sees some records again).
+   * it stood among went meanwhile.
    */
   next (cursor: RingCursor): number {
     // A walk at the head goes on from it wherever it is now: an emptied ring starts again at 0.
-    if (cursor.epoch !== this.#epoch || cursor.passed <= this.#headPassed) {
+    if (cursor.passed <= this.#headPassed) {
       cursor.at = this.#head
       cursor.passed = this.#headPassed
-      cursor.epoch = this.#epoch
     }
     const u32 = this.#u32
     while (cursor.passed < this.#headPassed + this.#used) {
@@ -247,15 +263,6 @@ export class RecordRing {
       if (live) return at
     }
     return -1
-  }
-
-  /** Moves the records into a Buffer of their size when they take a quarter of a larger one. */
-  shrink (): void {
-    let capacity = this.#buffer.byteLength
-    while (capacity > INITIAL_CAPACITY && (this.#used - this.#removed) * 4 < capacity) {
-      capacity = Math.max(INITIAL_CAPACITY, capacity / 2 - ((capacity / 2) % 8))
-    }
-    if (capacity < this.#buffer.byteLength) this.#moveTo(capacity)
   }
 
   // Makes room for `length` contiguous bytes at the tail, and takes them.
@@ -284,13 +291,7 @@ export class RecordRing {
           return this.#take(length)
         }
       }
-      if (capacity < this.maxCapacity) {
-        this.#moveTo(Math.min(capacity * 2, this.maxCapacity))
-      } else if (this.#removed >= capacity / 4) {
-        this.#moveTo(capacity)
-      } else {
-        this.#dropHead()
-      }
+      this.#dropHead()
     }
   }
 
@@ -309,8 +310,6 @@ export class RecordRing {
       this.#onDrop(at)
       this.#unindex(at)
       this.#count--
-    } else if ((flags & PAD) === 0) {
-      this.#removed -= length
     }
     this.#used -= length
     this.#headPassed += length
@@ -322,34 +321,15 @@ export class RecordRing {
     while (this.#used > 0 && ((this.#u32[(this.#head >> 2) + FLAGS] as number) & LIVE) === 0) this.#dropHead()
   }
 
-  // Copies the live records, oldest first, to the start of a new Buffer of `capacity` bytes.
-  #moveTo (capacity: number): void {
-    const from = this.#buffer
-    const to = Buffer.allocUnsafeSlow(capacity)
-    const u32 = this.#u32
-    let at = this.#head
-    let written = 0
-    for (let left = this.#used; left > 0;) {
-      const length = u32[at >> 2] as number
-      if (((u32[(at >> 2) + FLAGS] as number) & LIVE) !== 0) {
-        from.copy(to, written, at, at + length)
-        written += length
-      }
-      left -= length
-      at = at + length === from.byteLength ? 0 : at + length
-    }
-    this.#buffer = to
-    this.#u32 = new Uint32Array(to.buffer)
-    this.#f64 = new Float64Array(to.buffer)
-    this.#headPassed += this.#used
-    this.#head = 0
-    // Never full: a move is to a Buffer larger than what it holds (see #reserve and shrink).
-    this.#tail = written
-    this.#used = written
-    this.#removed = 0
-    this.#epoch++
-    this.#slots.fill(0)
-    for (at = 0; at < written; at += this.#u32[at >> 2] as number) this.#index((this.#u32[(at >> 2) + HASH] as number) | 0, at)
+  #allocate (): void {
+    this.#buffer = Buffer.allocUnsafeSlow(this.maxCapacity)
+    this.#u32 = new Uint32Array(this.#buffer.buffer)
+    this.#f64 = new Float64Array(this.#buffer.buffer)
+    let slots = 2
+    while (slots < this.maxCount * 2) slots *= 2
+    this.#slots = new Int32Array(slots)
+    this.#hashes = new Int32Array(slots)
+    this.#mask = slots - 1
   }
 
   #flag (at: number, flag: number): boolean {
@@ -375,7 +355,6 @@ export class RecordRing {
   }
 
   #index (hash: number, at: number): void {
-    if ((this.#count + 1) * 2 > this.#slots.length) this.#resizeIndex(this.#slots.length * 2)
     const slots = this.#slots
     const mask = this.#mask
     let slot = hash & mask
@@ -405,21 +384,10 @@ export class RecordRing {
     slots[hole] = 0
   }
 
-  #resizeIndex (size: number): void {
-    const slots = this.#slots
-    const hashes = this.#hashes
-    this.#slots = new Int32Array(size)
-    this.#hashes = new Int32Array(size)
-    this.#mask = size - 1
-    for (let slot = 0; slot < slots.length; slot++) {
-      const value = slots[slot] as number
-      if (value === 0) continue
-      let to = (hashes[slot] as number) & this.#mask
-      while (this.#slots[to] !== 0) to = (to + 1) & this.#mask
-      this.#slots[to] = value
-      this.#hashes[to] = hashes[slot] as number
-    }
-  }
+}
+
+function rotate (word: number, bits: number): number {
+  return (word << bits) | (word >>> (32 - bits))
 }
 
 /** Bytes text takes in the ring: one per character when it is all ASCII, else two (UTF-16). */
