@@ -15,6 +15,7 @@ export type {
   IdempotencyRecord,
   IdempotencyStore,
   InsertResult,
+  LeaseHolder,
   NewRecord,
   RecordState,
   RecordUpdate,

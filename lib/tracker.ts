@@ -49,7 +49,9 @@ interface Lease {
  * Tracks requests so that each keyed request is processed at most once: the first `track`
  * of a key creates a record this tracker owns, later ones see its state. While an owned
  * request runs, its lease is renewed, so a record whose lease expired belongs to a dead
- * instance. The tracker knows nothing of HTTP; the plugin maps its results to responses.
+ * instance. A store that keeps leases itself (the memory store) is sent no renewals: its records
+ * die with the process that runs their requests, so their leases last while this tracker is
+ * open. The tracker knows nothing of HTTP; the plugin maps its results to responses.
  *
  * Every method answers the way its store does: directly for a store that answers at once (the
  * memory store), through a promise otherwise; `await` fits both. A store failure is thrown or
@@ -67,6 +69,8 @@ export class RequestTracker {
   /** The options `track` uses when given none: the plugin's. */
   readonly defaults: Readonly<TrackOptions>
   #logger: TrackerLogger
+  // For a store that keeps leases itself: what its records' leases last as long as.
+  #holder: { closedAt: number } | undefined
   // By record key, whose hash the store already had V8 compute: an owner token is a fresh string
   // that would be hashed again. In this process, one request at a time owns a key.
   #leases = new Map<string, Lease>()
@@ -77,6 +81,7 @@ export class RequestTracker {
     this.store = store
     this.defaults = Object.freeze(defaults)
     this.#logger = logger
+    this.#holder = store.keepsLeases === true ? { closedAt: Infinity } : undefined
   }
 
   /** Looks the key up and, when no live record holds it, atomically creates one owned by this request. */
@@ -90,7 +95,8 @@ export class RequestTracker {
       owner,
       expiresAt,
       lease: options.processingTtl,
-      takeOverExpiredLease: options.releaseOnError
+      takeOverExpiredLease: options.releaseOnError,
+      holder: this.#holder
     })
     if (isPromiseLike(inserted)) {
       return inserted.then((result) => this.#tracked(result, key, fingerprint, owner, expiresAt, options.processingTtl, now))
@@ -100,7 +106,7 @@ export class RequestTracker {
 
   #tracked (result: InsertResult, key: string, fingerprint: string, owner: string, expiresAt: number, lease: number, now: number): TrackResult {
     if (result.inserted) {
-      this.#watch(owner, key, lease, now)
+      if (this.#holder === undefined) this.#watch(owner, key, lease, now)
       return { status: 'created', owner, expiresAt }
     }
     const record = result.record
@@ -147,6 +153,7 @@ export class RequestTracker {
 
   /** Stops renewing leases; records of requests still running will expire with their lease. */
   close (): void {
+    if (this.#holder !== undefined && this.#holder.closedAt === Infinity) this.#holder.closedAt = Date.now()
     clearInterval(this.#renewTimer)
     this.#renewTimer = undefined
     this.#leases.clear()
@@ -166,7 +173,7 @@ export class RequestTracker {
   }
 
   #unwatch (key: string, owner: string): void {
-    if (this.#leases.get(key)?.owner === owner) this.#leases.delete(key)
+    if (this.#holder === undefined && this.#leases.get(key)?.owner === owner) this.#leases.delete(key)
   }
 
   #renew (): void {

@@ -22,14 +22,16 @@ t.test('app.close() leaves no timer behind', async (t) => {
     globalThis.setInterval = realSetInterval
     globalThis.clearInterval = realClearInterval
   })
-  const app = await buildApp({ prune: 1000, processingTtl: 60 })
-  app.post('/orders', { config: { idempotency: true } }, async () => ({}))
-  await app.ready()
-  // a tracked request starts the lease renewal timer
-  t.equal((await app.inject({ method: 'POST', url: '/orders', headers: { 'idempotency-key': 'k' }, payload: {} })).statusCode, 200)
-  t.equal(live.size, 2, 'the prune and lease renewal timers run while the app is up')
-  await app.close()
-  t.equal(live.size, 0, 'both are cleared on close')
+  for (const [name, store, timers] of [['a store outside this process', new FaultyStore(), 2], ['the memory store', undefined, 1]] as const) {
+    const app = await buildApp({ store, prune: 1000, processingTtl: 60 })
+    app.post('/orders', { config: { idempotency: true } }, async () => ({}))
+    await app.ready()
+    // a tracked request starts the lease renewal timer, unless the store keeps leases itself
+    t.equal((await app.inject({ method: 'POST', url: '/orders', headers: { 'idempotency-key': 'k' }, payload: {} })).statusCode, 200)
+    t.equal(live.size, timers, `${name}: the prune timer${timers === 2 ? ' and the lease renewal timer run' : ' runs, and no lease renewal timer'} while the app is up`)
+    await app.close()
+    t.equal(live.size, 0, `${name}: cleared on close`)
+  }
 })
 
 t.test('prunes the store every prune ms, and stops on close', async (t) => {

@@ -52,6 +52,29 @@ t.test('renews the lease of a running request and stops when it ends', async (t)
   tracker.close()
 })
 
+t.test('sends no renewals to a store that keeps leases itself: the lease lasts while the tracker is open', async (t) => {
+  class CountingStore extends MemoryStore {
+    renewals = 0
+    override update (...args: Parameters<MemoryStore['update']>) {
+      if (args[2].state === 'processing') this.renewals++
+      return super.update(...args)
+    }
+  }
+  const store = new CountingStore()
+  t.equal(store.keepsLeases, true)
+  const tracker = new RequestTracker(store, { logger: recordingLogger(), ...options })
+  const created = await tracker.track('k', 'fp', options) as { owner: string, expiresAt: number }
+  await sleep(80)
+  t.equal(store.renewals, 0, 'no renewal in 80 ms with a 30 ms lease')
+  t.equal((await tracker.track('k', 'fp', options)).status, 'processing', 'the lease is live')
+  tracker.close()
+  t.equal((await tracker.track('k', 'fp', options)).status, 'processing', 'and lasts its length after the tracker closed')
+  await sleep(50)
+  t.equal((await tracker.track('k', 'fp', options)).status, 'halted', 'then lapses')
+  t.equal(await tracker.putResponse('k', created.owner, { statusCode: 200, headers: {}, body: 'late' }, created.expiresAt), true,
+    'its owner may still complete it: it was never taken over')
+})
+
 t.test('retries a failed renewal and warns', async (t) => {
   const store = new FaultyStore()
   const logger = recordingLogger()

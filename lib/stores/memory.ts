@@ -6,6 +6,7 @@ import type {
   IdempotencyRecord,
   IdempotencyStore,
   InsertResult,
+  LeaseHolder,
   NewRecord,
   RecordState,
   RecordUpdate,
@@ -42,6 +43,9 @@ interface Entry {
   owner: string
   expiresAt: number
   leaseExpiresAt: number
+  /** The tracker whose lease the record holds while it runs, and the lease's length (ms). */
+  holder: LeaseHolder | undefined
+  lease: number
   /** The key's hash in the ring, for when the record completes. */
   hash: number
   /** Completion order (completed only). */
@@ -81,13 +85,15 @@ const PRUNE_CHUNK = 5000
  * Completed records are kept outside V8's heap, in a ring (see `RecordRing`): the garbage
  * collector's work does not grow with the store. Bounded by `maxBytes`: when full it evicts the
  * oldest completed records, never in-flight or halted ones (a halted record stands for an outcome
- * nobody knows; forgetting it would let a retry run again).
+ * nobody knows; forgetting it would let a retry run again). A running record keeps its lease for
+ * as long as the tracker that created it is open (`keepsLeases`), so no renewals are sent to it.
  *
  * @example
  * await app.register(idempotency, { store: new MemoryStore({ maxBytes: 16 * 1024 * 1024 }) })
  */
 export class MemoryStore implements IdempotencyStore {
   readonly inProcess = true
+  readonly keepsLeases = true
   readonly maxBytes: number
   #now: () => number
   #logger: WarningLogger | undefined
@@ -145,10 +151,10 @@ export class MemoryStore implements IdempotencyStore {
     } else {
       const existing = this.#findEntry(key)
       if (existing !== undefined) {
-        if (existing.expiresAt > now) {
-          const leaseExpired = existing.state === 'processing' && existing.leaseExpiresAt <= now
+        if (liveUntil(existing, now) > now) {
+          const leaseExpired = leaseLapsed(existing, now)
           const takeOver = leaseExpired && record.takeOverExpiredLease && existing.fingerprint === record.fingerprint
-          if (!takeOver) return { inserted: false, record: toRecord(existing, leaseExpired) }
+          if (!takeOver) return { inserted: false, record: toRecord(existing, now) }
         }
         this.#removeEntry(key, existing)
       }
@@ -160,6 +166,8 @@ export class MemoryStore implements IdempotencyStore {
       owner: record.owner,
       expiresAt: record.expiresAt,
       leaseExpiresAt: now + record.lease,
+      holder: record.holder,
+      lease: record.lease,
       hash,
       sequence: 0,
       statusCode: 0,
@@ -178,14 +186,14 @@ export class MemoryStore implements IdempotencyStore {
     const at = ring.find(key, ring.hash(key))
     if (at >= 0) return ring.expiresAt(at) > now ? this.#unpack(at) : undefined
     const entry = this.#findEntry(key)
-    if (entry === undefined || entry.expiresAt <= now) return undefined
-    return toRecord(entry, entry.state === 'processing' && entry.leaseExpiresAt <= now)
+    if (entry === undefined || liveUntil(entry, now) <= now) return undefined
+    return toRecord(entry, now)
   }
 
   update (key: string, owner: string, update: RecordUpdate): boolean {
     const now = this.#now()
     const entry = this.#entries.get(key)
-    if (entry === undefined || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= now) {
+    if (entry === undefined || entry.owner !== owner || entry.state !== 'processing' || liveUntil(entry, now) <= now) {
       return false
     }
     if (update.state === 'processing') {
@@ -232,8 +240,9 @@ export class MemoryStore implements IdempotencyStore {
   }
 
   delete (key: string, owner: string): boolean {
+    const now = this.#now()
     const entry = this.#entries.get(key)
-    if (entry === undefined || entry.owner !== owner || entry.state !== 'processing' || entry.expiresAt <= this.#now()) {
+    if (entry === undefined || entry.owner !== owner || entry.state !== 'processing' || liveUntil(entry, now) <= now) {
       return false
     }
     this.#removeEntry(key, entry)
@@ -272,7 +281,7 @@ export class MemoryStore implements IdempotencyStore {
         return removed
       }
       const [key, entry] = next.value
-      if (entry.expiresAt <= now) {
+      if (liveUntil(entry, now) <= now) {
         this.#removeEntry(key, entry)
         removed++
       }
@@ -349,8 +358,9 @@ export class MemoryStore implements IdempotencyStore {
   #sweep (now: number): void {
     let earliest = Infinity
     for (const [key, entry] of this.#entries) {
-      if (entry.expiresAt <= now) this.#removeEntry(key, entry)
-      else if (entry.expiresAt < earliest) earliest = entry.expiresAt
+      const until = liveUntil(entry, now)
+      if (until <= now) this.#removeEntry(key, entry)
+      else if (until < earliest) earliest = until
     }
     this.#sweptAt = now
     this.#sweepAt = earliest === Infinity ? Infinity : Math.max(earliest, now + SWEEP_INTERVAL)
@@ -407,12 +417,24 @@ export class MemoryStore implements IdempotencyStore {
   }
 }
 
-function toRecord (entry: Entry, leaseExpired: boolean): IdempotencyRecord {
+// A running record whose tracker is open holds its lease as if renewed at every look.
+function liveUntil (entry: Entry, now: number): number {
+  if (entry.holder === undefined || entry.state !== 'processing') return entry.expiresAt
+  return Math.max(entry.expiresAt, Math.min(entry.holder.closedAt, now) + entry.lease)
+}
+
+function leaseLapsed (entry: Entry, now: number): boolean {
+  if (entry.state !== 'processing') return false
+  const end = entry.holder === undefined ? entry.leaseExpiresAt : Math.max(entry.leaseExpiresAt, Math.min(entry.holder.closedAt, now) + entry.lease)
+  return end <= now
+}
+
+function toRecord (entry: Entry, now: number): IdempotencyRecord {
   return {
     state: entry.state,
     fingerprint: entry.fingerprint,
-    expiresAt: entry.expiresAt,
-    leaseExpired,
+    expiresAt: liveUntil(entry, now),
+    leaseExpired: leaseLapsed(entry, now),
     response: entry.state === 'completed'
       ? { statusCode: entry.statusCode, headers: entry.headers as StoredResponse['headers'], body: entry.body as StoredResponse['body'] }
       : undefined

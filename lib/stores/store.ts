@@ -29,6 +29,15 @@ export interface IdempotencyRecord {
   response?: StoredResponse
 }
 
+/**
+ * The tracker that owns a record, as a store that keeps leases itself sees it (see
+ * `IdempotencyStore.keepsLeases`).
+ */
+export interface LeaseHolder {
+  /** When the tracker closed, in ms since the epoch; `Infinity` while it is open. */
+  readonly closedAt: number
+}
+
 /** What `insert` writes when no live record holds the key. */
 export interface NewRecord {
   fingerprint: string
@@ -43,6 +52,11 @@ export interface NewRecord {
    * replace it (the new request runs) instead of returning it.
    */
   takeOverExpiredLease: boolean
+  /**
+   * Given to a store that `keepsLeases`, `undefined` otherwise: the record's lease lasts as long as
+   * its tracker is open, and `lease` ms after it closed.
+   */
+  holder?: LeaseHolder | undefined
 }
 
 export type InsertResult =
@@ -72,6 +86,13 @@ export interface IdempotencyStore {
    * reaches it. Keys are then at most a few hundred characters longer than the client's key.
    */
   readonly inProcess?: boolean
+  /**
+   * `true` for a store whose running records cannot outlive the trackers that own them, because
+   * both live in this process, as the memory store's do. The tracker then renews no leases: it
+   * gives each new record its `holder`, and the store keeps the record's lease for as long as
+   * the holder is open, and `lease` ms after it closed.
+   */
+  readonly keepsLeases?: boolean
   /**
    * Atomically writes `record` in state `processing` unless a live record holds `key`,
    * in which case that record is returned. Two callers racing on one key never both insert.

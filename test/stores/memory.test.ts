@@ -384,6 +384,60 @@ t.test('a record expires exactly at expiresAt by the store clock', async (t) => 
     { inserted: true }, 'insert at expiresAt replaces it')
 })
 
+t.test('a running record keeps its lease and stays while its holder is open, and lapses one lease after the holder closed', async (t) => {
+  const { store, clock } = clockedStore()
+  const holder = { closedAt: Infinity }
+  const record = { fingerprint: 'f', owner: 'o', expiresAt: clock.now + 1000, lease: 100, takeOverExpiredLease: false, holder }
+  const takeOver = { ...record, owner: 'p', takeOverExpiredLease: true, holder: { closedAt: Infinity } }
+  t.strictSame(await store.insert('k', record), { inserted: true })
+  clock.now += 5000
+  t.strictSame(await store.lookup('k'), { state: 'processing', fingerprint: 'f', expiresAt: clock.now + 100, leaseExpired: false, response: undefined },
+    'long past its lease and expiresAt, it runs on, as if renewed at every look')
+  t.equal((await store.insert('k', takeOver)).inserted, false, 'it is not taken over')
+  t.equal(await store.prune(), 0, 'prune keeps it')
+  holder.closedAt = clock.now
+  clock.now += 99
+  t.match(await store.lookup('k'), { state: 'processing', expiresAt: holder.closedAt + 100, leaseExpired: false }, 'the lease runs on for 99 ms after the holder closed')
+  clock.now += 1
+  t.match(await store.lookup('k'), undefined, 'the record itself expires with the lease when its expiresAt has passed')
+  t.strictSame(await store.insert('k', takeOver), { inserted: true }, 'and the key is free')
+
+  await store.insert('j', { ...record, expiresAt: clock.now + HOUR, holder: { closedAt: clock.now } })
+  clock.now += 100
+  t.match(await store.lookup('j'), { state: 'processing', leaseExpired: true }, 'a record inserted after its holder closed has the plain lease')
+  t.strictSame(await store.insert('j', { ...takeOver, expiresAt: clock.now + HOUR }), { inserted: true }, 'and it is taken over at its end')
+})
+
+t.test('the owner of a held record completes it long after its nominal expiry, and halts or releases it likewise', async (t) => {
+  const { store, clock } = clockedStore()
+  const holder = { closedAt: Infinity }
+  for (const key of ['done', 'halted', 'released']) {
+    await store.insert(key, { fingerprint: 'f', owner: key, expiresAt: clock.now + 1000, lease: 100, takeOverExpiredLease: false, holder })
+  }
+  clock.now += 10_000
+  const response = { statusCode: 201, headers: {}, body: 'ok' }
+  t.equal(await store.update('done', 'done', { state: 'completed', response, expiresAt: clock.now + HOUR }), true)
+  t.equal(await store.update('halted', 'halted', { state: 'halted', expiresAt: clock.now + HOUR }), true)
+  t.equal(await store.delete('released', 'released'), true)
+  t.same(await states(store, ['done', 'halted', 'released']), { done: 'completed', halted: 'halted', released: undefined })
+  t.equal(await store.update('halted', 'halted', { state: 'halted', expiresAt: clock.now + HOUR }), false, 'a halted record is no longer held')
+})
+
+t.test('a sweep of a full store leaves held running records, and removes them once their lease and expiry passed', async (t) => {
+  const { store, clock } = clockedStore({ maxBytes: 2048 })
+  const holder = { closedAt: Infinity }
+  await store.insert('held', { fingerprint: 'f', owner: 'o', expiresAt: clock.now + 10, lease: 10, takeOverExpiredLease: false, holder })
+  clock.now += 2000
+  // a completed record over maxBytes makes the store sweep its running records
+  await complete(store, clock, 'big', 3000)
+  t.equal((await store.lookup('held'))?.state, 'processing', 'kept while its holder is open')
+  holder.closedAt = clock.now
+  clock.now += 2000
+  await complete(store, clock, 'bigger', 3000)
+  t.equal(await store.lookup('held'), undefined, 'gone once its holder closed and its lease ran out')
+  t.ok(store.size < 2 * 3000 + 1024, 'its bytes were given back')
+})
+
 t.test('warns of evictions once, then at most once a minute with the count since', async (t) => {
   const { store, clock, warnings } = clockedStore()
   await complete(store, clock, 'a')
