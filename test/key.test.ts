@@ -52,6 +52,44 @@ for (const [name, first, second] of differentPairs) {
   })
 }
 
+// The canonical text, written the plainest way: keys sorted, everything else as JSON writes it.
+function canonical (value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonical).join(',')}]`
+  if (value !== null && typeof value === 'object') {
+    const record = value as Record<string, unknown>
+    return `{${Object.keys(record).sort().map((name) => `${JSON.stringify(name)}:${canonical(record[name])}`).join(',')}}`
+  }
+  return JSON.stringify(value)
+}
+
+t.test('the fingerprint of any parsed JSON value is its canonical text, or that text\'s digest, whichever path writes it', async (t) => {
+  let seed = 7
+  const random = (): number => { seed = (seed * 1_103_515_245 + 12_345) % 2_147_483_648; return seed / 2_147_483_648 }
+  const texts = ['', 'a', 'plain text', 'q"uote', 'back\\slash', 'tab\tand\u0001', 'é€', '\ud83d\ude00', '\ud800', '\udfff', '\ue000', '9', '10', '__proto__']
+  const pick = <Item>(items: Item[]): Item => items[Math.floor(random() * items.length)] as Item
+  const numbers = [0, -0, 1, -1, 0.1, 1e21, 1e-7, 123456789.125, Number.MAX_SAFE_INTEGER, 5e-324]
+  function value (depth: number): unknown {
+    const kind = Math.floor(random() * (depth > 3 ? 4 : 7))
+    if (kind === 0) return pick(texts) + (random() < 0.2 ? 'x'.repeat(Math.floor(random() * 400)) : '')
+    if (kind === 1) return pick(numbers)
+    if (kind === 2) return random() < 0.5
+    if (kind === 3) return null
+    if (kind === 4) return Array.from({ length: Math.floor(random() * 5) }, () => value(depth + 1))
+    const record: Record<string, unknown> = {}
+    for (let index = Math.floor(random() * 6); index > 0; index--) record[pick(texts) + (random() < 0.3 ? String(index) : '')] = value(depth + 1)
+    return record
+  }
+  let small = 0
+  for (let round = 0; round < 3000; round++) {
+    const body = { v: value(0) }
+    const text = canonical(body)
+    if (text.length <= 256) small++
+    t.equal(requestFingerprint({}, body, true), text.length <= 256 ? text : digest(text), `in process, round ${round}`)
+    t.equal(requestFingerprint({}, body), digest(text), `outside, round ${round}`)
+  }
+  t.ok(small > 1000 && small < 2900, `both sizes were drawn (${small} of 3000 small)`)
+})
+
 t.test('the query counts: the same body with another query is another request', async (t) => {
   class Query {}
   for (const inProcess of [false, true]) {
