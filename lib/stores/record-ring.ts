@@ -177,10 +177,10 @@ export class RecordRing {
     u32[word + FINGERPRINT_BYTES] = fingerprintBytes
     u32[word + BODY_BYTES] = bodyBytes
     let next = at + HEADER_BYTES
-    next += buffer.write(key, next, keyWide ? 'utf16le' : 'latin1')
-    next += buffer.write(record.fingerprint, next, fingerprintWide ? 'utf16le' : 'latin1')
+    next += writeText(buffer, key, next, keyWide)
+    next += writeText(buffer, record.fingerprint, next, fingerprintWide)
     if (bodyIsBuffer) buffer.set(body, next)
-    else buffer.write(body, next, bodyWide ? 'utf16le' : 'latin1')
+    else writeText(buffer, body, next, bodyWide)
     this.#index(hash, at)
     this.#count++
     return at
@@ -388,6 +388,13 @@ export class RecordRing {
 
 function rotate (word: number, bits: number): number {
   return (word << bits) | (word >>> (32 - bits))
+}
+
+// Short one-byte text is copied in JavaScript: a call into Node's native code costs more.
+function writeText (buffer: Buffer, text: string, at: number, wide: boolean): number {
+  if (wide || text.length > 64) return buffer.write(text, at, wide ? 'utf16le' : 'latin1')
+  for (let index = 0; index < text.length; index++) buffer[at + index] = text.charCodeAt(index)
+  return text.length
 }
 
 /** Bytes text takes in the ring: one per character when it is all ASCII, else two (UTF-16). */
