@@ -146,7 +146,7 @@ export class MemoryStore implements IdempotencyStore {
     const hash = ring.hash(key)
     const at = ring.find(key, hash)
     if (at >= 0) {
-      if (ring.expiresAt(at) > now) return { inserted: false, record: this.#unpack(at) }
+      if (ring.expiresAt(at) > now) return { inserted: false, record: this.#unpack(at, record.fingerprint) }
       this.#removeFromRing(at)
     } else {
       const existing = this.#findEntry(key)
@@ -336,11 +336,12 @@ export class MemoryStore implements IdempotencyStore {
     this.#freeHeaderIds.push(id)
   }
 
-  #unpack (at: number): IdempotencyRecord {
+  // A replay's fingerprint is the request's own string when the record's is equal to it.
+  #unpack (at: number, fingerprint?: string): IdempotencyRecord {
     const ring = this.#ring
     return {
       state: 'completed',
-      fingerprint: ring.fingerprint(at),
+      fingerprint: fingerprint !== undefined && ring.hasFingerprint(at, fingerprint) ? fingerprint : ring.fingerprint(at),
       expiresAt: ring.expiresAt(at),
       leaseExpired: false,
       response: {

@@ -227,6 +227,13 @@ export class RecordRing {
     return this.#buffer.toString(this.#flag(at, FINGERPRINT_UTF16) ? 'utf16le' : 'latin1', start, end)
   }
 
+  /** Whether the record's fingerprint is `fingerprint`: a replay compares it without a copy. */
+  hasFingerprint (at: number, fingerprint: string): boolean {
+    const word = at >> 2
+    const start = at + HEADER_BYTES + (this.#u32[word + KEY_BYTES] as number)
+    return this.#holds(start, this.#u32[word + FINGERPRINT_BYTES] as number, this.#flag(at, FINGERPRINT_UTF16), fingerprint)
+  }
+
   /** The body, as text or a Buffer as it was given: a copy, since the ring reuses its bytes. */
   body (at: number): Buffer | string {
     const word = at >> 2
@@ -337,19 +344,22 @@ export class RecordRing {
   }
 
   #holdsKey (at: number, key: string): boolean {
+    return this.#holds(at + HEADER_BYTES, this.#u32[(at >> 2) + KEY_BYTES] as number, this.#flag(at, KEY_UTF16), key)
+  }
+
+  // Whether the ring's bytes at `start` are `text`, kept as UTF-16 (`wide`) or Latin-1.
+  #holds (start: number, bytes: number, wide: boolean, text: string): boolean {
     const buffer = this.#buffer
-    const start = at + HEADER_BYTES
-    const bytes = this.#u32[(at >> 2) + KEY_BYTES] as number
-    if (this.#flag(at, KEY_UTF16)) {
-      if (bytes !== key.length * 2) return false
-      for (let index = 0; index < key.length; index++) {
-        if (((buffer[start + index * 2] as number) | ((buffer[start + index * 2 + 1] as number) << 8)) !== key.charCodeAt(index)) return false
+    if (wide) {
+      if (bytes !== text.length * 2) return false
+      for (let index = 0; index < text.length; index++) {
+        if (((buffer[start + index * 2] as number) | ((buffer[start + index * 2 + 1] as number) << 8)) !== text.charCodeAt(index)) return false
       }
       return true
     }
-    if (bytes !== key.length) return false
+    if (bytes !== text.length) return false
     for (let index = 0; index < bytes; index++) {
-      if (buffer[start + index] !== key.charCodeAt(index)) return false
+      if (buffer[start + index] !== text.charCodeAt(index)) return false
     }
     return true
   }

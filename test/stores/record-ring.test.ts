@@ -73,6 +73,9 @@ function ringMismatch (ring: RecordRing, at: number, record: RingRecord): string
   for (const [name, value] of Object.entries(fields)) {
     if (!Object.is(value, record[name as keyof typeof fields])) return `${name} ${JSON.stringify(value)}, stored ${JSON.stringify(record[name as keyof typeof fields])}`
   }
+  if (!ring.hasFingerprint(at, record.fingerprint)) return 'hasFingerprint denies its own fingerprint'
+  const other = [...TEXTS, `${record.fingerprint}x`, record.fingerprint.slice(1)].find((text) => text !== record.fingerprint && ring.hasFingerprint(at, text))
+  if (other !== undefined) return `hasFingerprint claims ${JSON.stringify(other)} for ${JSON.stringify(record.fingerprint)}`
   const body = ring.body(at)
   if (typeof record.body === 'string') {
     return body === record.body ? undefined : `body ${JSON.stringify(body).slice(0, 60)}, stored ${JSON.stringify(record.body).slice(0, 60)}`
