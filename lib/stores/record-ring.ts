@@ -75,9 +75,9 @@ export class RecordRing {
   /** Bytes from head to tail: records, removed ones and padding. */
   #used = 0
   #headPassed = 0
-  // Linear probing, load at most one half. A slot holds a record's offset + 1, or 0 when empty.
-  #slots = new Int32Array(1)
-  #hashes = new Int32Array(1)
+  // Linear probing, load at most one half. Slot i is two numbers, at 2i and 2i + 1, so that a
+  // probe reads one cache line: the record's offset + 1 (0 when the slot is empty) and its hash.
+  #slots = new Int32Array(2)
   #mask = 0
   #count = 0
   // HalfSipHash-1-3's key, of this process's own: keys are the client's text, and a keyed hash
@@ -133,9 +133,9 @@ export class RecordRing {
   find (key: string, hash: number): number {
     const slots = this.#slots
     const mask = this.#mask
-    for (let slot = hash & mask; slots[slot] !== 0; slot = (slot + 1) & mask) {
-      if (this.#hashes[slot] === hash) {
-        const at = (slots[slot] as number) - 1
+    for (let slot = hash & mask; slots[slot * 2] !== 0; slot = (slot + 1) & mask) {
+      if (slots[slot * 2 + 1] === hash) {
+        const at = (slots[slot * 2] as number) - 1
         if (this.#holdsKey(at, key)) return at
       }
     }
@@ -334,8 +334,7 @@ export class RecordRing {
     this.#f64 = new Float64Array(this.#buffer.buffer)
     let slots = 2
     while (slots < this.maxCount * 2) slots *= 2
-    this.#slots = new Int32Array(slots)
-    this.#hashes = new Int32Array(slots)
+    this.#slots = new Int32Array(slots * 2)
     this.#mask = slots - 1
   }
 
@@ -368,30 +367,29 @@ export class RecordRing {
     const slots = this.#slots
     const mask = this.#mask
     let slot = hash & mask
-    while (slots[slot] !== 0) slot = (slot + 1) & mask
-    slots[slot] = at + 1
-    this.#hashes[slot] = hash
+    while (slots[slot * 2] !== 0) slot = (slot + 1) & mask
+    slots[slot * 2] = at + 1
+    slots[slot * 2 + 1] = hash
   }
 
   // Linear probing's deletion: the records after the emptied slot that would no longer be found
   // move back into it, so that no slot needs a mark of its own.
   #unindex (at: number): void {
     const slots = this.#slots
-    const hashes = this.#hashes
     const mask = this.#mask
     let hole = (this.#u32[(at >> 2) + HASH] as number) & mask
-    while (slots[hole] !== at + 1) hole = (hole + 1) & mask
-    for (let slot = (hole + 1) & mask; slots[slot] !== 0; slot = (slot + 1) & mask) {
-      const home = (hashes[slot] as number) & mask
+    while (slots[hole * 2] !== at + 1) hole = (hole + 1) & mask
+    for (let slot = (hole + 1) & mask; slots[slot * 2] !== 0; slot = (slot + 1) & mask) {
+      const home = (slots[slot * 2 + 1] as number) & mask
       // The record at `slot` may move to the hole unless its home lies cyclically in (hole, slot].
       const stays = hole <= slot ? home > hole && home <= slot : home > hole || home <= slot
       if (!stays) {
-        slots[hole] = slots[slot] as number
-        hashes[hole] = hashes[slot] as number
+        slots[hole * 2] = slots[slot * 2] as number
+        slots[hole * 2 + 1] = slots[slot * 2 + 1] as number
         hole = slot
       }
     }
-    slots[hole] = 0
+    slots[hole * 2] = 0
   }
 
 }
