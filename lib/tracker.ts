@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto'
 import { isPromiseLike } from './awaitable.js'
-import type { Awaitable, IdempotencyStore, InsertResult, StoredResponse } from './stores/store.js'
+import type { Awaitable, IdempotencyStore, InsertResult, LeaseHolder, RecordUpdate, StoredResponse } from './stores/store.js'
 
 /** What `track` found, and so what the request should get. */
 export type TrackResult =
@@ -69,8 +69,8 @@ export class RequestTracker {
   /** The options `track` uses when given none: the plugin's. */
   readonly defaults: Readonly<TrackOptions>
   #logger: TrackerLogger
-  // For a store that keeps leases itself: what its records' leases last as long as.
-  #holder: { closedAt: number } | undefined
+  // For a store that keeps leases itself: this tracker's hold on its records' leases.
+  #holder: LeaseHolder | undefined
   // By record key, whose hash the store already had V8 compute: an owner token is a fresh string
   // that would be hashed again. In this process, one request at a time owns a key.
   #leases = new Map<string, Lease>()
@@ -81,7 +81,7 @@ export class RequestTracker {
     this.store = store
     this.defaults = Object.freeze(defaults)
     this.#logger = logger
-    this.#holder = store.keepsLeases === true ? { closedAt: Infinity } : undefined
+    this.#holder = store.leaseHolder?.()
   }
 
   /** Looks the key up and, when no live record holds it, atomically creates one owned by this request. */
@@ -125,25 +125,23 @@ export class RequestTracker {
     response: StoredResponse,
     expiresAt = Date.now() + this.defaults.cacheTtl
   ): Awaitable<boolean> {
-    this.#unwatch(key, owner)
-    return this.store.update(key, owner, { state: 'completed', response, expiresAt })
+    return this.#settle(key, owner, { state: 'completed', response, expiresAt })
   }
 
   /** Marks an owned request halted: its outcome is unknown, and retries are told so. */
   halt (key: string, owner: string, expiresAt = Date.now() + this.defaults.cacheTtl): Awaitable<boolean> {
-    this.#unwatch(key, owner)
-    return this.store.update(key, owner, { state: 'halted', expiresAt })
+    return this.#settle(key, owner, { state: 'halted', expiresAt })
   }
 
   /** Deletes an owned request's record, so that a retry runs the handler again. */
   release (key: string, owner: string): Awaitable<boolean> {
-    this.#unwatch(key, owner)
-    return this.store.delete(key, owner)
+    return this.#settle(key, owner, undefined)
   }
 
-  /** Stops renewing an owned request's lease, e.g. when saving its response failed. */
+  /** Lets an owned request's lease run out, e.g. when saving its response failed. */
   forget (key: string, owner: string): void {
     this.#unwatch(key, owner)
+    this.#holder?.release(key, owner)
   }
 
   /** Removes expired records from the store. */
@@ -153,10 +151,28 @@ export class RequestTracker {
 
   /** Stops renewing leases; records of requests still running will expire with their lease. */
   close (): void {
-    if (this.#holder !== undefined && this.#holder.closedAt === Infinity) this.#holder.closedAt = Date.now()
+    this.#holder?.close()
     clearInterval(this.#renewTimer)
     this.#renewTimer = undefined
     this.#leases.clear()
+  }
+
+  // Renewals stop before the record is settled; a held lease is let go if settling it fails,
+  // since no one else would.
+  #settle (key: string, owner: string, update: RecordUpdate | undefined): Awaitable<boolean> {
+    this.#unwatch(key, owner)
+    let settled: Awaitable<boolean>
+    try {
+      settled = update === undefined ? this.store.delete(key, owner) : this.store.update(key, owner, update)
+    } catch (error) {
+      this.#holder?.release(key, owner)
+      throw error
+    }
+    if (this.#holder === undefined || !isPromiseLike(settled)) return settled
+    return settled.then(undefined, (error: unknown) => {
+      this.#holder?.release(key, owner)
+      throw error
+    })
   }
 
   #watch (owner: string, key: string, lease: number, now: number): void {

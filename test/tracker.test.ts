@@ -1,5 +1,5 @@
 import t from 'tap'
-import { MemoryStore, RequestTracker } from '../lib/index.js'
+import { MemoryStore, RequestTracker, type IdempotencyStore, type NewRecord, type RecordUpdate } from '../lib/index.js'
 import { FaultyStore } from './helpers/stores.js'
 import { sleep } from './helpers/timing.js'
 
@@ -61,7 +61,7 @@ t.test('sends no renewals to a store that keeps leases itself: the lease lasts w
     }
   }
   const store = new CountingStore()
-  t.equal(store.keepsLeases, true)
+  t.type(store.leaseHolder, 'function', 'the memory store keeps leases itself')
   const tracker = new RequestTracker(store, { logger: recordingLogger(), ...options })
   const created = await tracker.track('k', 'fp', options) as { owner: string, expiresAt: number }
   await sleep(80)
@@ -73,6 +73,47 @@ t.test('sends no renewals to a store that keeps leases itself: the lease lasts w
   t.equal((await tracker.track('k', 'fp', options)).status, 'halted', 'then lapses')
   t.equal(await tracker.putResponse('k', created.owner, { statusCode: 200, headers: {}, body: 'late' }, created.expiresAt), true,
     'its owner may still complete it: it was never taken over')
+})
+
+t.test('lets a held lease run out when its request is forgotten, or settling it fails, whether the store throws or rejects', async (t) => {
+  // A store that keeps leases in a memory store, and fails its updates and deletes when told to.
+  class FailingHeldStore implements IdempotencyStore {
+    readonly inner = new MemoryStore()
+    failing = false
+    constructor (readonly synchronous: boolean) {}
+    leaseHolder () { return this.inner.leaseHolder() }
+    insert (key: string, record: NewRecord) { return this.#answer(() => this.inner.insert(key, record)) }
+    lookup (key: string) { return this.#answer(() => this.inner.lookup(key)) }
+    update (key: string, owner: string, update: RecordUpdate) { return this.#answer(() => this.inner.update(key, owner, update), this.failing) }
+    delete (key: string, owner: string) { return this.#answer(() => this.inner.delete(key, owner), this.failing) }
+    prune () { return this.inner.prune() }
+    #answer<Value> (operation: () => Value, fail = false): Value | Promise<Value> {
+      if (fail && this.synchronous) throw new Error('store down')
+      if (fail) return Promise.reject(new Error('store down'))
+      return this.synchronous ? operation() : Promise.resolve(operation())
+    }
+  }
+  for (const synchronous of [true, false]) {
+    const store = new FailingHeldStore(synchronous)
+    const tracker = new RequestTracker(store, { logger: recordingLogger(), ...options })
+    const owners: Record<string, string> = {}
+    for (const key of ['forgotten', 'completed', 'halted', 'released', 'running']) {
+      owners[key] = ((await tracker.track(key, 'fp', options)) as { owner: string }).owner
+    }
+    tracker.forget('forgotten', owners.forgotten as string)
+    store.failing = true
+    const response = { statusCode: 200, headers: {}, body: 'x' }
+    await t.rejects(async () => await tracker.putResponse('completed', owners.completed as string, response), /store down/)
+    await t.rejects(async () => await tracker.halt('halted', owners.halted as string), /store down/)
+    await t.rejects(async () => await tracker.release('released', owners.released as string), /store down/)
+    store.failing = false
+    await sleep(60)
+    const statuses: Record<string, string> = {}
+    for (const key of Object.keys(owners)) statuses[key] = (await tracker.track(key, 'fp', options)).status
+    t.same(statuses, { forgotten: 'halted', completed: 'halted', halted: 'halted', released: 'halted', running: 'processing' },
+      `${synchronous ? 'throws' : 'rejects'}: each lapsed one lease later; the request still running holds its lease`)
+    tracker.close()
+  }
 })
 
 t.test('retries a failed renewal and warns', async (t) => {

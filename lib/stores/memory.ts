@@ -43,8 +43,8 @@ interface Entry {
   owner: string
   expiresAt: number
   leaseExpiresAt: number
-  /** The tracker whose lease the record holds while it runs, and the lease's length (ms). */
-  holder: LeaseHolder | undefined
+  /** The tracker's hold on the lease while the record runs, and the lease's length (ms). */
+  holder: HeldLeases | undefined
   lease: number
   /** The key's hash in the ring, for when the record completes. */
   hash: number
@@ -86,14 +86,13 @@ const PRUNE_CHUNK = 5000
  * collector's work does not grow with the store. Bounded by `maxBytes`: when full it evicts the
  * oldest completed records, never in-flight or halted ones (a halted record stands for an outcome
  * nobody knows; forgetting it would let a retry run again). A running record keeps its lease for
- * as long as the tracker that created it is open (`keepsLeases`), so no renewals are sent to it.
+ * as long as the tracker that created it holds it (`leaseHolder`), so no renewals are sent to it.
  *
  * @example
  * await app.register(idempotency, { store: new MemoryStore({ maxBytes: 16 * 1024 * 1024 }) })
  */
 export class MemoryStore implements IdempotencyStore {
   readonly inProcess = true
-  readonly keepsLeases = true
   readonly maxBytes: number
   #now: () => number
   #logger: WarningLogger | undefined
@@ -135,6 +134,18 @@ export class MemoryStore implements IdempotencyStore {
     })
   }
 
+  /** A tracker's hold on the leases of the records it creates (see `IdempotencyStore.leaseHolder`). */
+  leaseHolder (): LeaseHolder {
+    return new HeldLeases(this, this.#now, (key, owner, holder) => {
+      const entry = this.#entries.get(key)
+      if (entry?.holder !== holder || entry.owner !== owner) return
+      const now = this.#now()
+      entry.holder = undefined
+      entry.leaseExpiresAt = now + entry.lease
+      entry.expiresAt = Math.max(entry.expiresAt, entry.leaseExpiresAt)
+    })
+  }
+
   /** Bytes currently accounted to stored records. */
   get size (): number {
     return this.#bytes
@@ -166,7 +177,7 @@ export class MemoryStore implements IdempotencyStore {
       owner: record.owner,
       expiresAt: record.expiresAt,
       leaseExpiresAt: now + record.lease,
-      holder: record.holder,
+      holder: record.holder instanceof HeldLeases && record.holder.store === this ? record.holder : undefined,
       lease: record.lease,
       hash,
       sequence: 0,
@@ -197,6 +208,7 @@ export class MemoryStore implements IdempotencyStore {
       return false
     }
     if (update.state === 'processing') {
+      entry.holder = undefined
       entry.leaseExpiresAt = now + update.lease
       entry.expiresAt = Math.max(entry.expiresAt, entry.leaseExpiresAt)
       return true
@@ -415,6 +427,31 @@ export class MemoryStore implements IdempotencyStore {
       this.#largeOldest = this.#largeCursor.next().value as [string, Entry]
     }
     return this.#largeOldest
+  }
+}
+
+// A tracker's hold on the leases of its running records: while it lasts, a lease is as if renewed
+// at every look.
+class HeldLeases implements LeaseHolder {
+  /** When the tracker closed, by the store's clock; Infinity while it is open. */
+  closedAt = Infinity
+  /** The store whose records it holds: a hold from any other is none. */
+  readonly store: MemoryStore
+  readonly #now: () => number
+  readonly #release: (key: string, owner: string, holder: HeldLeases) => void
+
+  constructor (store: MemoryStore, now: () => number, release: (key: string, owner: string, holder: HeldLeases) => void) {
+    this.store = store
+    this.#now = now
+    this.#release = release
+  }
+
+  close (): void {
+    if (this.closedAt === Infinity) this.closedAt = this.#now()
+  }
+
+  release (key: string, owner: string): void {
+    this.#release(key, owner, this)
   }
 }
 

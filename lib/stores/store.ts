@@ -30,12 +30,15 @@ export interface IdempotencyRecord {
 }
 
 /**
- * The tracker that owns a record, as a store that keeps leases itself sees it (see
- * `IdempotencyStore.keepsLeases`).
+ * A tracker's hold on the leases of its running records, in a store that keeps leases itself
+ * (see `IdempotencyStore.leaseHolder`). Each lease runs out one lease after the hold on it ends,
+ * by the store's clock.
  */
 export interface LeaseHolder {
-  /** When the tracker closed, in ms since the epoch; `Infinity` while it is open. */
-  readonly closedAt: number
+  /** The tracker closed: the hold on all its records ends. */
+  close (): void
+  /** The owner of the record under `key` will not settle it (it was forgotten, or settling it failed). */
+  release (key: string, owner: string): void
 }
 
 /** What `insert` writes when no live record holds the key. */
@@ -52,10 +55,7 @@ export interface NewRecord {
    * replace it (the new request runs) instead of returning it.
    */
   takeOverExpiredLease: boolean
-  /**
-   * Given to a store that `keepsLeases`, `undefined` otherwise: the record's lease lasts as long as
-   * its tracker is open, and `lease` ms after it closed.
-   */
+  /** The tracker's hold on the lease, from this store's `leaseHolder()`; `undefined` for any other store. */
   holder?: LeaseHolder | undefined
 }
 
@@ -87,12 +87,13 @@ export interface IdempotencyStore {
    */
   readonly inProcess?: boolean
   /**
-   * `true` for a store whose running records cannot outlive the trackers that own them, because
-   * both live in this process, as the memory store's do. The tracker then renews no leases: it
-   * gives each new record its `holder`, and the store keeps the record's lease for as long as
-   * the holder is open, and `lease` ms after it closed.
+   * For a store whose running records cannot outlive the trackers that own them, because both
+   * live in this process, as the memory store's do: a new hold for one tracker. That tracker then
+   * renews no leases. It gives the hold with each new record, and the store keeps the record's
+   * lease for as long as the hold lasts, and one lease more. A renewal of a held record ends the
+   * hold on it.
    */
-  readonly keepsLeases?: boolean
+  leaseHolder? (): LeaseHolder
   /**
    * Atomically writes `record` in state `processing` unless a live record holds `key`,
    * in which case that record is returned. Two callers racing on one key never both insert.

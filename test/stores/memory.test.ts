@@ -384,33 +384,63 @@ t.test('a record expires exactly at expiresAt by the store clock', async (t) => 
     { inserted: true }, 'insert at expiresAt replaces it')
 })
 
-t.test('a running record keeps its lease and stays while its holder is open, and lapses one lease after the holder closed', async (t) => {
+t.test('a held running record keeps its lease and stays while its tracker is open, and lapses one lease after it closed, by the store clock', async (t) => {
   const { store, clock } = clockedStore()
-  const holder = { closedAt: Infinity }
+  const holder = store.leaseHolder()
   const record = { fingerprint: 'f', owner: 'o', expiresAt: clock.now + 1000, lease: 100, takeOverExpiredLease: false, holder }
-  const takeOver = { ...record, owner: 'p', takeOverExpiredLease: true, holder: { closedAt: Infinity } }
+  const takeOver = { ...record, owner: 'p', takeOverExpiredLease: true, holder: store.leaseHolder() }
   t.strictSame(await store.insert('k', record), { inserted: true })
   clock.now += 5000
   t.strictSame(await store.lookup('k'), { state: 'processing', fingerprint: 'f', expiresAt: clock.now + 100, leaseExpired: false, response: undefined },
     'long past its lease and expiresAt, it runs on, as if renewed at every look')
   t.equal((await store.insert('k', takeOver)).inserted, false, 'it is not taken over')
   t.equal(await store.prune(), 0, 'prune keeps it')
-  holder.closedAt = clock.now
-  clock.now += 99
-  t.match(await store.lookup('k'), { state: 'processing', expiresAt: holder.closedAt + 100, leaseExpired: false }, 'the lease runs on for 99 ms after the holder closed')
+  const closedAt = clock.now
+  holder.close()
+  clock.now += 50
+  holder.close()
+  clock.now += 49
+  t.match(await store.lookup('k'), { state: 'processing', expiresAt: closedAt + 100, leaseExpired: false }, 'the lease runs on for 99 ms after the close (a second close changes nothing)')
   clock.now += 1
-  t.match(await store.lookup('k'), undefined, 'the record itself expires with the lease when its expiresAt has passed')
+  t.equal(await store.lookup('k'), undefined, 'the record itself expires with the lease when its expiresAt has passed')
   t.strictSame(await store.insert('k', takeOver), { inserted: true }, 'and the key is free')
 
-  await store.insert('j', { ...record, expiresAt: clock.now + HOUR, holder: { closedAt: clock.now } })
+  await store.insert('j', { ...record, expiresAt: clock.now + HOUR })
   clock.now += 100
-  t.match(await store.lookup('j'), { state: 'processing', leaseExpired: true }, 'a record inserted after its holder closed has the plain lease')
+  t.match(await store.lookup('j'), { state: 'processing', leaseExpired: true }, 'a record inserted after its tracker closed has the plain lease')
   t.strictSame(await store.insert('j', { ...takeOver, expiresAt: clock.now + HOUR }), { inserted: true }, 'and it is taken over at its end')
+})
+
+t.test('a released hold lets the lease run out one lease later; a renewal ends the hold too; a hold from elsewhere is not one', async (t) => {
+  const { store, clock } = clockedStore()
+  const holder = store.leaseHolder()
+  const record = (owner: string, lease = 100) => ({ fingerprint: 'f', owner, expiresAt: clock.now + 10, lease, takeOverExpiredLease: false, holder })
+  await store.insert('released', record('a'))
+  await store.insert('renewed', record('b'))
+  await store.insert('stranger', record('c'))
+  await store.insert('foreign', { ...record('d'), holder: new MemoryStore().leaseHolder() })
+  await store.insert('fake', { ...record('e'), holder: { close () {}, release () {} } })
+  clock.now += 1000
+  const releasedAt = clock.now
+  holder.release('released', 'a')
+  holder.release('stranger', 'someone else')
+  holder.release('nothing here', 'a')
+  t.equal(await store.update('renewed', 'b', { state: 'processing', lease: 300 }), true)
+  clock.now += 99
+  t.same(await states(store, ['released', 'renewed', 'stranger', 'foreign', 'fake']),
+    { released: 'processing', renewed: 'processing', stranger: 'processing', foreign: undefined, fake: undefined },
+    'a hold from another store, or none of a store\'s, holds nothing: those records expired on time')
+  t.match(await store.lookup('released'), { expiresAt: releasedAt + 100, leaseExpired: false })
+  clock.now += 1
+  t.same(await states(store, ['released', 'renewed', 'stranger']), { released: undefined, renewed: 'processing', stranger: 'processing' },
+    'released: gone one lease after the release; renewed: on a lease of its own; released by a stranger: held still')
+  clock.now += 200
+  t.same(await states(store, ['renewed', 'stranger']), { renewed: undefined, stranger: 'processing' })
 })
 
 t.test('the owner of a held record completes it long after its nominal expiry, and halts or releases it likewise', async (t) => {
   const { store, clock } = clockedStore()
-  const holder = { closedAt: Infinity }
+  const holder = store.leaseHolder()
   for (const key of ['done', 'halted', 'released']) {
     await store.insert(key, { fingerprint: 'f', owner: key, expiresAt: clock.now + 1000, lease: 100, takeOverExpiredLease: false, holder })
   }
@@ -423,19 +453,30 @@ t.test('the owner of a held record completes it long after its nominal expiry, a
   t.equal(await store.update('halted', 'halted', { state: 'halted', expiresAt: clock.now + HOUR }), false, 'a halted record is no longer held')
 })
 
-t.test('a sweep of a full store leaves held running records, and removes them once their lease and expiry passed', async (t) => {
+t.test('prune and a sweep keep held running records, and remove them and give back their bytes once the hold ended and their lease and expiry passed', async (t) => {
   const { store, clock } = clockedStore({ maxBytes: 2048 })
-  const holder = { closedAt: Infinity }
+  const holder = store.leaseHolder()
   await store.insert('held', { fingerprint: 'f', owner: 'o', expiresAt: clock.now + 10, lease: 10, takeOverExpiredLease: false, holder })
+  const heldBytes = store.size
   clock.now += 2000
+  t.equal(await store.prune(), 0, 'prune keeps it while its tracker is open')
   // a completed record over maxBytes makes the store sweep its running records
-  await complete(store, clock, 'big', 3000)
-  t.equal((await store.lookup('held'))?.state, 'processing', 'kept while its holder is open')
-  holder.closedAt = clock.now
+  await complete(store, clock, 'big1', 3000)
+  t.equal((await store.lookup('held'))?.state, 'processing', 'so does a sweep')
+  const withHeld = store.size
+  holder.close()
   clock.now += 2000
-  await complete(store, clock, 'bigger', 3000)
-  t.equal(await store.lookup('held'), undefined, 'gone once its holder closed and its lease ran out')
-  t.ok(store.size < 2 * 3000 + 1024, 'its bytes were given back')
+  await complete(store, clock, 'big2', 3000)
+  t.equal(store.size, withHeld - heldBytes, 'a sweep removed it once the hold ended: its bytes are given back')
+  t.equal(await store.lookup('held'), undefined)
+
+  const other = clockedStore()
+  const otherHolder = other.store.leaseHolder()
+  await other.store.insert('held', { fingerprint: 'f', owner: 'o', expiresAt: other.clock.now + 10, lease: 10, takeOverExpiredLease: false, holder: otherHolder })
+  otherHolder.close()
+  other.clock.now += 10
+  t.equal(await other.store.prune(), 1, 'prune removes it once the hold ended')
+  t.equal(other.store.size, 0)
 })
 
 t.test('warns of evictions once, then at most once a minute with the count since', async (t) => {
