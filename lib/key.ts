@@ -171,25 +171,38 @@ const TEXT_LIMIT = 256
 /**
  * The canonical text of `value` when it is what JSON writes and at most `room` characters long,
  * else `undefined`: an object's keys out of order, a value JSON writes differently (a Buffer,
- * `undefined` in an array, NaN, a `toJSON` method) or a value too large. Parsed JSON bodies
- * usually pass. Built in JavaScript: for the small bodies of most writes, that costs a third of
+ * `undefined` in an array, NaN, a `toJSON` method), members it inherits, or a value too large.
+ * Parsed JSON bodies usually pass; the walk (`Fingerprint`) writes any other value. Built in JavaScript: for the small bodies of most writes, that costs a third of
  * what JSON.stringify does in a busy server, whose native code is then out of the CPU's caches.
  */
 function plainJson (value: unknown, room: number): string | undefined {
-  if (room < 0) return undefined
+  let text: string
   switch (typeof value) {
     case 'string':
-      return value.length + 2 > room ? undefined : jsonString(value)
+      if (value.length + 2 > room) return undefined
+      text = jsonString(value)
+      break
     case 'number':
-      return Number.isFinite(value) ? String(value) : undefined
+      if (!Number.isFinite(value)) return undefined
+      text = String(value)
+      break
     case 'boolean':
-      return value ? 'true' : 'false'
+      text = value ? 'true' : 'false'
+      break
     case 'object':
+      if (value !== null) return plainStructure(value, room)
+      text = 'null'
       break
     default:
       return undefined
   }
-  if (value === null) return 'null'
+  return text.length > room ? undefined : text
+}
+
+// Each member is given the room left once the text so far, a comma and the closing bracket are
+// counted, so that the whole stays within `room`.
+function plainStructure (value: object, room: number): string | undefined {
+  if (room < 2) return undefined
   let text: string
   if (Array.isArray(value)) {
     text = '['
@@ -201,17 +214,19 @@ function plainJson (value: unknown, room: number): string | undefined {
     return `${text}]`
   }
   const prototype = Object.getPrototypeOf(value)
-  if (prototype !== Object.prototype && prototype !== null) return undefined
+  if ((prototype !== Object.prototype && prototype !== null) || typeof (value as { toJSON?: unknown }).toJSON === 'function') return undefined
   text = '{'
   let previous = ''
   for (const name in value) {
-    if (text.length > 1 && !(previous < name)) return undefined
+    // Members the walk would not see (inherited ones) or would sort: the walk writes this one.
+    if ((text.length > 1 && !(previous < name)) || !Object.hasOwn(value, name)) return undefined
     previous = name
     const member = (value as Record<string, unknown>)[name]
     if (member === undefined) return undefined
-    const written = plainJson(member, room - text.length - name.length - 5)
+    const quoted = jsonString(name)
+    const written = plainJson(member, room - text.length - quoted.length - 3)
     if (written === undefined) return undefined
-    text += `${text.length > 1 ? ',' : ''}${jsonString(name)}:${written}`
+    text += `${text.length > 1 ? ',' : ''}${quoted}:${written}`
   }
   return `${text}}`
 }

@@ -90,6 +90,33 @@ t.test('the fingerprint of any parsed JSON value is its canonical text, or that 
   t.ok(small > 1000 && small < 2900, `both sizes were drawn (${small} of 3000 small)`)
 })
 
+t.test('a value whose canonical text is about 4 096 characters long gets its canonical digest on either side of that size', async (t) => {
+  for (let length = 4070; length <= 4092; length++) {
+    for (const body of [{ a: 'x'.repeat(length), b: {} }, { a: 'x'.repeat(length), b: [[]] }, { a: 'x'.repeat(length), b: [1, 'y'] }, { a: 'x'.repeat(length), 'é\n': 1 }]) {
+      t.equal(requestFingerprint({}, body, true), digest(canonical(body)), `${Object.keys(body).join(',')} with ${length} characters`)
+    }
+  }
+})
+
+t.test('what JSON would write through toJSON counts, enumerable or not; members inherited from a polluted Object.prototype do not', async (t) => {
+  const withToJSON = (result: unknown, members: object = { a: 1 }) => Object.defineProperty(members, 'toJSON', { value: () => result, enumerable: false })
+  for (const inProcess of [false, true]) {
+    t.not(requestFingerprint({}, withToJSON({ x: 1 }), inProcess), requestFingerprint({}, withToJSON({ x: 2 }), inProcess), `inProcess ${String(inProcess)}`)
+    t.equal(requestFingerprint({}, withToJSON({ x: 1 }), inProcess), requestFingerprint({}, withToJSON({ x: 1 }, { b: 2 }), inProcess), 'only what toJSON writes counts')
+    t.not(valueFingerprint({ v: withToJSON({ x: 1 }) }, inProcess), valueFingerprint({ v: withToJSON({ x: 2 }) }, inProcess), 'nested too')
+  }
+  const prototype = Object.prototype as Record<string, unknown>
+  prototype.polluted = 'yes'
+  try {
+    for (const inProcess of [false, true]) {
+      t.equal(requestFingerprint({}, { a: 1, b: 2 }, inProcess), requestFingerprint({}, { b: 2, a: 1 }, inProcess), `inProcess ${String(inProcess)}`)
+    }
+    t.equal(requestFingerprint({}, { a: 1, b: 2 }, true), '{"a":1,"b":2}')
+  } finally {
+    delete prototype.polluted
+  }
+})
+
 t.test('the query counts: the same body with another query is another request', async (t) => {
   class Query {}
   for (const inProcess of [false, true]) {
