@@ -136,13 +136,10 @@ export class MemoryStore implements IdempotencyStore {
 
   /** A tracker's hold on the leases of the records it creates (see `IdempotencyStore.leaseHolder`). */
   leaseHolder (): LeaseHolder {
+    // A release is a renewal on the record's own lease, which ends the hold on it.
     return new HeldLeases(this, this.#now, (key, owner, holder) => {
       const entry = this.#entries.get(key)
-      if (entry?.holder !== holder || entry.owner !== owner) return
-      const now = this.#now()
-      entry.holder = undefined
-      entry.leaseExpiresAt = now + entry.lease
-      entry.expiresAt = Math.max(entry.expiresAt, entry.leaseExpiresAt)
+      if (entry?.holder === holder) this.update(key, owner, { state: 'processing', lease: entry.lease })
     })
   }
 
@@ -455,15 +452,20 @@ class HeldLeases implements LeaseHolder {
   }
 }
 
-// A running record whose tracker is open holds its lease as if renewed at every look.
+// A running record whose tracker is open holds its lease as if renewed at every look, until the
+// tracker closed.
+function heldUntil (holder: HeldLeases, lease: number, now: number): number {
+  return Math.min(holder.closedAt, now) + lease
+}
+
 function liveUntil (entry: Entry, now: number): number {
   if (entry.holder === undefined || entry.state !== 'processing') return entry.expiresAt
-  return Math.max(entry.expiresAt, Math.min(entry.holder.closedAt, now) + entry.lease)
+  return Math.max(entry.expiresAt, heldUntil(entry.holder, entry.lease, now))
 }
 
 function leaseLapsed (entry: Entry, now: number): boolean {
   if (entry.state !== 'processing') return false
-  const end = entry.holder === undefined ? entry.leaseExpiresAt : Math.max(entry.leaseExpiresAt, Math.min(entry.holder.closedAt, now) + entry.lease)
+  const end = entry.holder === undefined ? entry.leaseExpiresAt : Math.max(entry.leaseExpiresAt, heldUntil(entry.holder, entry.lease, now))
   return end <= now
 }
 

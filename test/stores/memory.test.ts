@@ -436,6 +436,16 @@ t.test('a released hold lets the lease run out one lease later; a renewal ends t
     'released: gone one lease after the release; renewed: on a lease of its own; released by a stranger: held still')
   clock.now += 200
   t.same(await states(store, ['renewed', 'stranger']), { renewed: undefined, stranger: 'processing' })
+
+  await store.insert('halted', record('f'))
+  await store.update('halted', 'f', { state: 'halted', expiresAt: clock.now + 50 })
+  holder.release('halted', 'f')
+  holder.close()
+  clock.now += 60
+  t.equal(await store.lookup('halted'), undefined, 'a release does not keep a halted record past its expiry')
+  clock.now += 40
+  holder.release('stranger', 'c')
+  t.equal(await store.lookup('stranger'), undefined, 'nor revive a lease that lapsed once the tracker closed')
 })
 
 t.test('the owner of a held record completes it long after its nominal expiry, and halts or releases it likewise', async (t) => {
