@@ -8,13 +8,29 @@ const runs = Number(process.env.BENCH_RUNS ?? 3)
 const warmup = Number(process.env.BENCH_WARMUP ?? 2)
 const variants = (process.env.BENCH_VARIANTS ?? 'control,memory,redis,postgres').split(',')
 const scenarios = (process.env.BENCH_SCENARIOS ?? 'fresh,replay,none').split(',')
+// `turns` (the default): one server at a time. `together`: all servers at once, so that every
+// run's window is the same for all of them; each then gets 1 500 req/s unless BENCH_RATE says.
+const mode = process.env.BENCH_MODE ?? 'turns'
+if (mode !== 'turns' && mode !== 'together') throw new Error(`BENCH_MODE must be turns or together, not ${mode}`)
+const offered = mode === 'together' && process.env.BENCH_RATE === undefined ? 1500 : rate
 
 const median = (values) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]
 
 async function sample (server, scenario) {
   const before = await server.cpu()
-  const result = await load(server.port, scenario, seconds)
+  const result = await load(server.port, scenario, seconds, offered)
   const after = await server.cpu()
+  return cpuPerRequest(before, after, result)
+}
+
+async function sampleTogether (servers, scenario) {
+  const before = await Promise.all(servers.map((server) => server.cpu()))
+  const results = await Promise.all(servers.map((server) => load(server.port, scenario, seconds, offered)))
+  const after = await Promise.all(servers.map((server) => server.cpu()))
+  return servers.map((_, index) => cpuPerRequest(before[index], after[index], results[index]))
+}
+
+function cpuPerRequest (before, after, result) {
   const requests = result.requests.total
   const store = (after.store - before.store) / requests
   return {
@@ -28,16 +44,22 @@ async function sample (server, scenario) {
 }
 
 // Bare Fastify and the plugin's servers run side by side and are measured in turns, run after
-// run, so that a noisy moment of the machine lands on all of them; the ratio is the median of
-// the per-run ratios.
+// run, or all at once, so that a noisy moment of the machine lands on all of them; the ratio is
+// the median of the per-run ratios.
 async function measure (scenario) {
   const servers = new Map()
   for (const variant of ['bare', ...variants]) servers.set(variant, await start(variant))
   try {
-    for (const server of servers.values()) await load(server.port, scenario, warmup)
+    if (mode === 'together') await Promise.all([...servers.values()].map((server) => load(server.port, scenario, warmup, offered)))
+    else for (const server of servers.values()) await load(server.port, scenario, warmup, offered)
     const samples = new Map([...servers.keys()].map((variant) => [variant, []]))
     for (let run = 0; run < runs; run++) {
-      for (const [variant, server] of servers) samples.get(variant).push(await sample(server, scenario))
+      if (mode === 'together') {
+        const taken = await sampleTogether([...servers.values()], scenario)
+        ;[...servers.keys()].forEach((variant, index) => samples.get(variant).push(taken[index]))
+      } else {
+        for (const [variant, server] of servers) samples.get(variant).push(await sample(server, scenario))
+      }
     }
     const bare = samples.get('bare')
     return [...samples].map(([variant, list]) => ({
@@ -61,7 +83,7 @@ const rows = []
 for (const scenario of scenarios) rows.push(...await measure(scenario))
 
 console.log(`\nfastify-idempotency benchmark, ${new Date().toISOString().slice(0, 10)}, Node ${process.version}, ` +
-  `${connections} connections at ${rate > 0 ? `${rate} req/s` : 'full speed'}, ${runs} runs of ${seconds} s (medians; ratio = median of per-run ratios)\n`)
+  `${connections} connections at ${offered > 0 ? `${offered} req/s` : 'full speed'}${mode === 'together' ? ' each, all servers at once' : ', servers in turns'}, ${runs} runs of ${seconds} s (medians; ratio = median of per-run ratios)\n`)
 console.log('| scenario | server | req/s | p99 ms | CPU µs/req | of which store | CPU ÷ bare | lowest–highest run | page faults/req | non-2xx/errors |')
 console.log('| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
 for (const row of rows) {

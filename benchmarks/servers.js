@@ -108,12 +108,12 @@ export async function start (variant, { execArgv = [] } = {}) {
 }
 
 /** Drives a server with one scenario's requests for `duration` seconds. */
-export async function load (port, scenario, duration) {
+export async function load (port, scenario, duration, offered = rate) {
   return await autocannon({
     url: `http://127.0.0.1:${port}`,
     connections,
     duration,
-    overallRate: rate > 0 ? rate : undefined,
+    overallRate: offered > 0 ? offered : undefined,
     requests: request(scenario)
   })
 }
