@@ -1,4 +1,4 @@
-// One benchmark server in its own process: `node benchmarks/server.js <bare|control|memory|full|discard|redis|postgres>`.
+// One benchmark server in its own process: `node benchmarks/server.js <bare|control|floor|floor-redis|memory|full|discard|redis|postgres>`.
 // It reports its port over IPC and answers { cpu } with its own CPU time, so the runner measures
 // only this process's work, not autocannon's.
 import Fastify from 'fastify'
@@ -10,13 +10,17 @@ const variant = process.argv[2] ?? 'bare'
 const app = Fastify({ logger: false })
 
 // `control` is bare Fastify again, measured as a variant: its ratio to bare is the run's noise.
-if (variant !== 'bare' && variant !== 'control') {
+if (!['bare', 'control', 'floor', 'floor-redis'].includes(variant)) {
   await app.register(idempotency, { store: await storeFor(variant), required: false })
 }
 
-app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
+async function createOrder (request, reply) {
   return reply.code(201).send({ id: 'ord_1', amount: request.body.amount, status: 'created' })
-})
+}
+
+if (variant === 'floor') app.post('/orders', floorRoute(createOrder, mapRecords()))
+else if (variant === 'floor-redis') app.post('/orders', floorRoute(createOrder, redisRecords(redisClient())))
+else app.post('/orders', { config: { idempotency: true } }, createOrder)
 
 await app.listen({ host: '127.0.0.1', port: 0 })
 process.send({ port: app.server.address().port })
@@ -35,11 +39,7 @@ async function storeFor (name) {
   if (name === 'discard') {
     return { inProcess: true, insert: () => ({ inserted: true }), lookup: () => undefined, update: () => true, delete: () => true, prune: () => 0 }
   }
-  if (name === 'redis') {
-    const client = new Redis({ host: '127.0.0.1', port: Number(process.env.BENCH_REDIS_PORT) })
-    app.addHook('onClose', async () => { client.disconnect() })
-    return new RedisStore({ client })
-  }
+  if (name === 'redis') return new RedisStore({ client: redisClient() })
   if (name === 'postgres') {
     const pool = new pg.Pool({ connectionString: process.env.BENCH_DATABASE_URL, max: 10 })
     const table = `bench_${process.pid}`
@@ -50,4 +50,75 @@ async function storeFor (name) {
     return new PostgresStore({ pool, table, createTable: true })
   }
   throw new Error(`unknown benchmark variant ${name}`)
+}
+
+// `floor` and `floor-redis`: the least an idempotency layer does, written into the route, without
+// the plugin: the key from its header, the body's JSON text for a fingerprint, the response kept
+// at onSend and sent again to a retry. Records are in a Map that is never bounded nor expired, or
+// in Redis, claimed with one `SET … NX GET` and saved with one `SET`. What any implementation
+// costs at the least, against which the plugin's own cost can be read.
+function floorRoute (handler, records) {
+  app.decorateRequest('floorRecord', undefined)
+  return {
+    onSend (request, reply, payload, next) {
+      const record = request.floorRecord
+      if (record === undefined) {
+        next(null, payload)
+        return
+      }
+      Object.assign(record, { done: true, statusCode: reply.statusCode, headers: reply.getHeaders(), body: payload })
+      const saved = records.save(request.floorKey, record)
+      if (saved instanceof Promise) saved.then(() => { next(null, payload) }, next)
+      else next(null, payload)
+    },
+    handler (request, reply) {
+      const key = request.headers['idempotency-key']
+      if (key === undefined) return handler.call(this, request, reply)
+      const fingerprint = JSON.stringify(request.body)
+      const claimed = { done: false, fingerprint, statusCode: 0, headers: undefined, body: undefined }
+      const answer = (record) => {
+        if (record === undefined) {
+          request.floorKey = `POST /orders ${key}`
+          request.floorRecord = claimed
+          reply.header('expires', new Date(Date.now() + 86_400_000).toUTCString())
+          return handler.call(this, request, reply)
+        }
+        if (record.fingerprint !== fingerprint) return reply.code(422).send()
+        if (!record.done) return reply.code(409).send()
+        return reply.code(record.statusCode).headers(record.headers).send(record.body)
+      }
+      const found = records.claim(`POST /orders ${key}`, claimed)
+      return found instanceof Promise ? found.then(answer) : answer(found)
+    }
+  }
+}
+
+function mapRecords () {
+  const records = new Map()
+  return {
+    claim (key, record) {
+      const found = records.get(key)
+      if (found === undefined) records.set(key, record)
+      return found
+    },
+    save () {}
+  }
+}
+
+function redisRecords (client) {
+  return {
+    async claim (key, record) {
+      const found = await client.set(key, JSON.stringify(record), 'PX', 86_400_000, 'NX', 'GET')
+      return found === null ? undefined : JSON.parse(found)
+    },
+    async save (key, record) {
+      await client.set(key, JSON.stringify(record), 'PX', 86_400_000)
+    }
+  }
+}
+
+function redisClient () {
+  const client = new Redis({ host: '127.0.0.1', port: Number(process.env.BENCH_REDIS_PORT) })
+  app.addHook('onClose', async () => { client.disconnect() })
+  return client
 }

@@ -83,9 +83,10 @@ function postgresCpu () {
 
 /** Starts `benchmarks/server.js <variant>` (and its private redis-server) in child processes. */
 export async function start (variant, { execArgv = [] } = {}) {
-  const redis = variant === 'redis' ? await startRedis() : undefined
+  const usesRedis = variant === 'redis' || variant === 'floor-redis'
+  const redis = usesRedis ? await startRedis() : undefined
   const env = { ...process.env, BENCH_REDIS_PORT: String(redis?.port), BENCH_DATABASE_URL: databaseUrl }
-  const storeCpu = variant === 'redis' ? () => redis.cpu() : variant === 'postgres' ? postgresCpu : () => 0
+  const storeCpu = usesRedis ? () => redis.cpu() : variant === 'postgres' ? postgresCpu : () => 0
   const child = fork(new URL('./server.js', import.meta.url), [variant], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env, execArgv })
   const [{ port }] = await once(child, 'message')
   // CPU time in µs so far: the server's, and the store server's; and the server's minor page
