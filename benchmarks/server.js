@@ -59,6 +59,7 @@ async function storeFor (name) {
 // costs at the least, against which the plugin's own cost can be read.
 function floorRoute (handler, records) {
   app.decorateRequest('floorRecord', undefined)
+  app.decorateRequest('floorKey', undefined)
   return {
     onSend (request, reply, payload, next) {
       const record = request.floorRecord
