@@ -75,11 +75,12 @@ function floorRoute (handler, records) {
     handler (request, reply) {
       const key = request.headers['idempotency-key']
       if (key === undefined) return handler.call(this, request, reply)
+      const recordKey = `POST /orders ${key}`
       const fingerprint = JSON.stringify(request.body)
       const claimed = { done: false, fingerprint, statusCode: 0, headers: undefined, body: undefined }
       const answer = (record) => {
         if (record === undefined) {
-          request.floorKey = `POST /orders ${key}`
+          request.floorKey = recordKey
           request.floorRecord = claimed
           reply.header('expires', new Date(Date.now() + 86_400_000).toUTCString())
           return handler.call(this, request, reply)
@@ -88,7 +89,7 @@ function floorRoute (handler, records) {
         if (!record.done) return reply.code(409).send()
         return reply.code(record.statusCode).headers(record.headers).send(record.body)
       }
-      const found = records.claim(`POST /orders ${key}`, claimed)
+      const found = records.claim(recordKey, claimed)
       return found instanceof Promise ? found.then(answer) : answer(found)
     }
   }
