@@ -80,6 +80,16 @@ export const KeyInvalidError = define<[header: string, maxKeyLength: number]>(
   'The %s header must hold 1 to %d visible ASCII characters, bare or as a quoted string'
 )
 
+/**
+ * 415: the request has a body that the route reads after tracking (a multipart file read in the
+ * handler, a body left as a stream), so its fingerprint cannot tell payloads apart.
+ */
+export const BodyUnseenError = define(
+  'FST_IDEMPOTENCY_BODY_UNSEEN', 415, 'body-unseen',
+  'The request body cannot be fingerprinted',
+  'This operation reads its request body after the idempotency check, so a key cannot be used with it'
+)
+
 /** 409: the first request with this key is still running. */
 export const ConflictError = define(
   'FST_IDEMPOTENCY_CONFLICT', 409, 'conflict',
@@ -108,6 +118,12 @@ export const StoreUnavailableError = define(
   'The idempotency store is unavailable',
   'The idempotency store could not be reached; the request was not processed, retry later',
   { 'retry-after': '5' }
+)
+
+/** Thrown at registration when the plugin is already registered in this context or an enclosing one. */
+export const AlreadyRegisteredError = createError<'FST_IDEMPOTENCY_ALREADY_REGISTERED', []>(
+  'FST_IDEMPOTENCY_ALREADY_REGISTERED',
+  'fastify-idempotency is already registered in this context or an enclosing one: register it once'
 )
 
 /** Thrown at registration (or route declaration) for an invalid option; names the option and the rule. */

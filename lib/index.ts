@@ -11,11 +11,9 @@ export type { RedisClient, RedisStoreOptions } from './stores/redis.js'
 export { PostgresStore, POSTGRES_SCHEMA, postgresSchema } from './stores/postgres.js'
 export type { PostgresPool, PostgresQuery, PostgresStoreOptions } from './stores/postgres.js'
 export type {
-  Awaitable,
   IdempotencyRecord,
   IdempotencyStore,
   InsertResult,
-  LeaseHolder,
   NewRecord,
   RecordState,
   RecordUpdate,
@@ -24,6 +22,8 @@ export type {
 export { PluginOptionsSchema, RouteOptionsSchema, HOP_BY_HOP_HEADERS } from './options.js'
 export type { IdempotencyOptions, IdempotencyRouteOptions, ScopeFunction, FingerprintFunction } from './options.js'
 export {
+  AlreadyRegisteredError,
+  BodyUnseenError,
   ConflictError,
   HaltedError,
   InvalidOptionError,

@@ -124,15 +124,33 @@ t.test('an async fingerprint is awaited', async (t) => {
 })
 
 t.test('a response body that cannot be stored halts the record even with releaseOnError', async (t) => {
-  const app = await buildApp({ releaseOnError: true })
+  const app = Fastify()
+  // An onSend hook that runs before the plugin's (added before it registered) turns the payload
+  // into something that is neither bytes nor a stream.
+  app.addHook('onSend', async (request, reply, payload) => request.headers['x-first'] === '1' ? 42 : payload)
+  await app.register(idempotency, { releaseOnError: true })
+  let runs = 0
+  app.post('/odd', { config: { idempotency: true } }, async () => { runs++; return 'x' })
+  await app.inject({ method: 'POST', url: '/odd', headers: { ...key('k'), 'x-first': '1' }, payload: {} })
+  const retry = await app.inject({ method: 'POST', url: '/odd', headers: key('k'), payload: {} })
+  t.equal(retry.json().code, 'FST_IDEMPOTENCY_HALTED')
+  t.equal(runs, 1)
+  await app.close()
+})
+
+t.test('a route onSend hook that breaks the response after the handler completed leaves the handler\'s response stored for the retry', async (t) => {
+  const app = await buildApp()
   let runs = 0
   app.post('/odd', {
     config: { idempotency: true },
     onSend: async (request, reply, payload) => request.headers['x-first'] === '1' ? 42 : payload
-  }, async () => { runs++; return 'x' })
-  await app.inject({ method: 'POST', url: '/odd', headers: { ...key('k'), 'x-first': '1' }, payload: {} })
+  }, async (request, reply) => { runs++; return reply.code(201).send('done') })
+  const first = await app.inject({ method: 'POST', url: '/odd', headers: { ...key('k'), 'x-first': '1' }, payload: {} })
+  t.equal(first.statusCode, 500, 'Fastify refuses what the hook made of the payload')
   const retry = await app.inject({ method: 'POST', url: '/odd', headers: key('k'), payload: {} })
-  t.equal(retry.json().code, 'FST_IDEMPOTENCY_HALTED')
+  t.equal(retry.statusCode, 201, 'the handler did its work: the retry learns its outcome')
+  t.equal(retry.body, 'done')
+  t.equal(retry.headers['idempotent-replayed'], 'true')
   t.equal(runs, 1)
   await app.close()
 })

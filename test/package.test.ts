@@ -12,7 +12,7 @@ t.test('loads with import and with require, the same module either way', async (
   t.equal(cjs.default, esm.default, 'require gives the same plugin')
   t.equal(cjs.MemoryStore, esm.MemoryStore)
   t.same(Object.keys(esm).sort(), [
-    'ConflictError', 'HOP_BY_HOP_HEADERS', 'HaltedError', 'InvalidOptionError', 'KeyInvalidError',
+    'AlreadyRegisteredError', 'BodyUnseenError', 'ConflictError', 'HOP_BY_HOP_HEADERS', 'HaltedError', 'InvalidOptionError', 'KeyInvalidError',
     'KeyMissingError', 'KeyMultipleError', 'MemoryStore', 'MismatchError', 'POSTGRES_SCHEMA', 'PluginOptionsSchema', 'PostgresStore',
     'RedisStore', 'RequestTracker', 'RouteOptionsSchema', 'StoreUnavailableError', 'default', 'idempotency', 'postgresSchema'
   ])

@@ -451,28 +451,24 @@ t.test('keeps the route\'s own hooks and runs them first', async (t) => {
   await app.close()
 })
 
-t.test('responses with equal headers share one frozen headers object in the store; others get their own', async (t) => {
-  // Expires is left out, so that a second ticking over between the requests cannot split them.
-  const app = await buildApp({ excludeHeaders: ['expires', 'set-cookie', 'date', 'connection', 'keep-alive', 'transfer-encoding'] })
+t.test('each record keeps the headers its own handler set', async (t) => {
+  const app = await buildApp()
   app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
     return reply.header('x-kind', (request.body as { kind: string }).kind).send({ ok: true })
   })
   const headersOf = async (clientKey: string, kind: string) => {
     const response = await app.inject({ method: 'POST', url: '/orders', headers: key(clientKey), payload: { kind } })
     t.equal(response.statusCode, 200)
-    const record = await app.idempotency.store.lookup(storageKey('', 'POST', '/orders', clientKey, true))
-    return record?.response?.headers
+    const record = await app.idempotency.store.lookup(storageKey({ method: 'POST', route: '/orders', key: clientKey }))
+    const { expires, ...headers } = record?.response?.headers ?? {}
+    t.equal(expires, response.headers.expires, 'Expires is stored as it was sent')
+    return headers
   }
-  const first = await headersOf('one', 'same')
-  const second = await headersOf('two', 'same')
-  const other = await headersOf('three', 'other')
-  t.same(first, { 'content-type': 'application/json; charset=utf-8', 'x-kind': 'same' })
-  t.equal(second, first, 'the same object')
-  t.ok(Object.isFrozen(first), 'frozen')
-  t.same(other, { 'content-type': 'application/json; charset=utf-8', 'x-kind': 'other' })
-  t.not(other, first)
+  t.same(await headersOf('one', 'same'), { 'content-type': 'application/json; charset=utf-8', 'x-kind': 'same' })
+  t.same(await headersOf('two', 'same'), { 'content-type': 'application/json; charset=utf-8', 'x-kind': 'same' })
+  t.same(await headersOf('three', 'other'), { 'content-type': 'application/json; charset=utf-8', 'x-kind': 'other' })
   const replay = await app.inject({ method: 'POST', url: '/orders', headers: key('two'), payload: { kind: 'same' } })
-  t.equal(replay.headers['x-kind'], 'same', 'a shared object replays like any other')
+  t.equal(replay.headers['x-kind'], 'same')
   await app.close()
 })
 

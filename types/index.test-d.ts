@@ -14,7 +14,6 @@ import idempotency, {
   RedisStore,
   RequestTracker,
   StoreUnavailableError,
-  type Awaitable,
   type IdempotencyError,
   type IdempotencyOptions,
   type IdempotencyRecord,
@@ -81,19 +80,16 @@ class UserStore implements IdempotencyStore {
 }
 app.register(idempotency, { store: new UserStore() })
 
-// A store may answer synchronously, as the memory store does, and say it keeps records in process.
-class SyncUserStore implements IdempotencyStore {
-  readonly inProcess = true
+// A store answers with promises: one that answers directly does not fit.
+class SyncUserStore {
   insert (_key: string, _record: NewRecord): InsertResult { return { inserted: true } }
   lookup (_key: string): IdempotencyRecord | undefined { return undefined }
   update (_key: string, _owner: string, _update: RecordUpdate): boolean { return true }
   delete (_key: string, _owner: string): boolean { return true }
   prune (): number { return 0 }
 }
-app.register(idempotency, { store: new SyncUserStore() })
-expectType<number>(new SyncUserStore().prune())
-expectType<Awaitable<number>>((new SyncUserStore() as IdempotencyStore).prune())
-expectNotAssignable<IdempotencyStore>({ ...new SyncUserStore(), inProcess: 'yes' })
+expectNotAssignable<IdempotencyStore>(new SyncUserStore())
+expectType<Promise<number>>(new UserStore().prune())
 expectAssignable<IdempotencyStore>(new MemoryStore())
 expectNotAssignable<IdempotencyStore>({ insert: async () => ({ inserted: true }) })
 
@@ -101,10 +97,9 @@ expectNotAssignable<IdempotencyStore>({ insert: async () => ({ inserted: true })
 expectType<RequestTracker>(app.idempotency)
 expectType<IdempotencyStore>(app.idempotency.store)
 const trackOptions: TrackOptions = { cacheTtl: 1000, processingTtl: 100, releaseOnError: false }
-// The tracker answers as its store does: directly or through a promise; `await` fits both.
-expectType<Awaitable<TrackResult>>(app.idempotency.track('key', 'fingerprint', trackOptions))
+expectType<Promise<TrackResult>>(app.idempotency.track('key', 'fingerprint', trackOptions))
 declare const stored: StoredResponse
-expectType<Awaitable<boolean>>(app.idempotency.putResponse('key', 'owner', stored, Date.now() + 1000))
+expectType<Promise<boolean>>(app.idempotency.putResponse('key', 'owner', stored, Date.now() + 1000))
 expectAssignable<StoredResponse>({ statusCode: 200, headers: {}, body: 'text' })
 expectAssignable<StoredResponse>({ statusCode: 200, headers: {}, body: Buffer.from('bytes') })
 expectNotAssignable<StoredResponse>({ statusCode: 200, headers: {}, body: 42 })

@@ -209,12 +209,6 @@ export class RedisStore implements IdempotencyStore {
   #retrying: Undo[] = []
   #undoWhenReady = false
   #undoRetry: ReturnType<typeof setTimeout> | undefined
-  // The responses of a route mostly carry the same headers, which the plugin hands over as one
-  // object: the last set is kept with its JSON text, so that it is neither written nor parsed again.
-  #headers: StoredResponse['headers'] | undefined
-  #headersText = '{}'
-  #headersBytes = Buffer.from('{}')
-
   constructor (options: RedisStoreOptions) {
     const settings = validateOptions(options)
     this.prefix = settings.prefix
@@ -245,7 +239,9 @@ export class RedisStore implements IdempotencyStore {
       argv = ['h', owner, update.expiresAt]
     } else {
       const { statusCode, headers, body } = update.response
-      argv = ['c', owner, update.expiresAt, statusCode, this.#headersToText(headers), body]
+      // The headers as a string, as the other arguments mostly are: one Buffer among them makes
+      // ioredis copy the whole command into a new Buffer.
+      argv = ['c', owner, update.expiresAt, statusCode, JSON.stringify(headers), body]
       bytes = body.length
     }
     return await this.#step('update', this.prefix + key, argv, bytes) === 1
@@ -258,20 +254,6 @@ export class RedisStore implements IdempotencyStore {
   /** Redis expires records itself. */
   async prune (): Promise<number> {
     return 0
-  }
-
-  // A string, as the other arguments mostly are: one Buffer among them makes ioredis copy the
-  // whole command into a new Buffer.
-  #headersToText (headers: StoredResponse['headers']): string {
-    if (headers === this.#headers) return this.#headersText
-    const text = JSON.stringify(headers)
-    if (Object.isFrozen(headers)) {
-      // Only a frozen set is sure to be the same when it comes again.
-      this.#headers = headers
-      this.#headersText = text
-      this.#headersBytes = Buffer.from(text)
-    }
-    return text
   }
 
   #toRecord (reply: Buffer): IdempotencyRecord {
@@ -288,12 +270,11 @@ export class RedisStore implements IdempotencyStore {
       const statusEnd = reply.indexOf(NEWLINE, fingerprintEnd)
       const headersEnd = reply.indexOf(NEWLINE, statusEnd + 1)
       if (statusEnd === -1 || headersEnd === -1) throw notARecord()
-      if (this.#headers === undefined || this.#headersBytes.compare(reply, statusEnd + 1, headersEnd) !== 0) {
-        this.#headersText = reply.toString('utf8', statusEnd + 1, headersEnd)
-        this.#headers = Object.freeze(JSON.parse(this.#headersText) as StoredResponse['headers'])
-        this.#headersBytes = Buffer.from(this.#headersText)
+      response = {
+        statusCode: Number(reply.toString('latin1', fingerprintEnd, statusEnd)),
+        headers: JSON.parse(reply.toString('utf8', statusEnd + 1, headersEnd)) as StoredResponse['headers'],
+        body: reply.subarray(headersEnd + 1)
       }
-      response = { statusCode: Number(reply.toString('latin1', fingerprintEnd, statusEnd)), headers: this.#headers, body: reply.subarray(headersEnd + 1) }
     }
     return {
       state,

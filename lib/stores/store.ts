@@ -1,7 +1,7 @@
 /** Where a tracked request stands. */
 export type RecordState = 'processing' | 'completed' | 'halted'
 
-/** A response as it was sent: status, the headers worth replaying, and the body bytes. */
+/** A response as the route produced it: status, the headers the handler set, and the body bytes. */
 export interface StoredResponse {
   statusCode: number
   /** Lower-case header names; what `reply.headers()` accepts. */
@@ -9,9 +9,6 @@ export interface StoredResponse {
   /** The body bytes; a string stands for its UTF-8 bytes, as Node sends it. */
   body: Buffer | string
 }
-
-/** A value, or a promise of it: a store that answers at once may return its answer directly. */
-export type Awaitable<Value> = Value | PromiseLike<Value>
 
 /** A record as a store hands it back. */
 export interface IdempotencyRecord {
@@ -29,18 +26,6 @@ export interface IdempotencyRecord {
   response?: StoredResponse
 }
 
-/**
- * A tracker's hold on the leases of its running records, in a store that keeps leases itself
- * (see `IdempotencyStore.leaseHolder`). Each lease runs out one lease after the hold on it ends,
- * by the store's clock.
- */
-export interface LeaseHolder {
-  /** The tracker closed: the hold on all its records ends. */
-  close (): void
-  /** The owner of the record under `key` will not settle it (it was forgotten, or settling it failed). */
-  release (key: string, owner: string): void
-}
-
 /** What `insert` writes when no live record holds the key. */
 export interface NewRecord {
   fingerprint: string
@@ -55,8 +40,6 @@ export interface NewRecord {
    * replace it (the new request runs) instead of returning it.
    */
   takeOverExpiredLease: boolean
-  /** The tracker's hold on the lease, from this store's `leaseHolder()`; `undefined` for any other store. */
-  holder?: LeaseHolder | undefined
 }
 
 export type InsertResult =
@@ -71,46 +54,30 @@ export type RecordUpdate =
   | { state: 'processing', lease: number }
 
 /**
- * A place to keep idempotency records, shared by every instance that must agree on them.
+ * A place to keep idempotency records, shared by every instance that must agree on them. Keys
+ * and fingerprints are SHA-256 digests (base64url): no client text reaches a store.
  *
- * Every method rejects (or throws) when the store cannot answer; a store bounds its own calls
- * in time, so that a request never waits on an unreachable store for long. A store that answers
- * in this process, like the memory store, may return its answers directly instead of promises:
- * the tracker and the plugin then handle a request without waiting a single microtask on it.
+ * Every method returns a promise, which rejects when the store cannot answer; a store bounds its
+ * own calls in time, so that a request never waits on an unreachable store for long.
  */
 export interface IdempotencyStore {
-  /**
-   * `true` for a store that keeps its records inside this process, as the memory store does:
-   * it is given keys and small fingerprints as plain text rather than SHA-256 digests, which
-   * spares hashing on every request. Any other store gets digests only, so no client text
-   * reaches it. Keys are then at most a few hundred characters longer than the client's key.
-   */
-  readonly inProcess?: boolean
-  /**
-   * For a store whose running records cannot outlive the trackers that own them, because both
-   * live in this process, as the memory store's do: a new hold for one tracker. That tracker then
-   * renews no leases. It gives the hold with each new record, and the store keeps the record's
-   * lease for as long as the hold lasts, and one lease more. A renewal of a held record ends the
-   * hold on it.
-   */
-  leaseHolder? (): LeaseHolder
   /**
    * Atomically writes `record` in state `processing` unless a live record holds `key`,
    * in which case that record is returned. Two callers racing on one key never both insert.
    * Expired records count as absent.
    */
-  insert (key: string, record: NewRecord): Awaitable<InsertResult>
+  insert (key: string, record: NewRecord): Promise<InsertResult>
   /** The live record under `key`, if any. */
-  lookup (key: string): Awaitable<IdempotencyRecord | undefined>
+  lookup (key: string): Promise<IdempotencyRecord | undefined>
   /**
    * Applies `update` when `key` holds a `processing` record owned by `owner`; answers
    * `false` (and changes nothing) otherwise, e.g. when the owner's key was taken over.
    */
-  update (key: string, owner: string, update: RecordUpdate): Awaitable<boolean>
+  update (key: string, owner: string, update: RecordUpdate): Promise<boolean>
   /** Deletes the `processing` record under `key` when `owner` owns it; answers whether it did. */
-  delete (key: string, owner: string): Awaitable<boolean>
+  delete (key: string, owner: string): Promise<boolean>
   /** Removes expired records; answers how many it removed. */
-  prune (): Awaitable<number>
+  prune (): Promise<number>
   /** Releases what the store itself opened; clients passed in by the caller stay open. */
-  close? (): Awaitable<void>
+  close? (): Promise<void>
 }

@@ -300,7 +300,7 @@ if (requireRedis(t)) {
     t.same(await store.insert('fresh', record('o4')), { inserted: true }, 'written once Redis has room again')
   })
 
-  t.test('each record keeps its own headers when header sets are reused or change between records', async (t) => {
+  t.test('each record keeps its own headers, whether records share a header object or not', async (t) => {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => client.disconnect())
     const store = new RedisStore({ client, prefix: 'headers:' })
@@ -313,7 +313,6 @@ if (requireRedis(t)) {
     for (const index of [0, 1, 2, 2, 3, 4, 5, 0]) {
       const found = await store.lookup(`h${index}`)
       t.same(found?.response?.headers, sets[index], `record ${index}`)
-      t.ok(Object.isFrozen(found?.response?.headers), 'handed out frozen, as it may be shared')
     }
   })
 

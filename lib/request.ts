@@ -1,0 +1,317 @@
+import type { Readable } from 'node:stream'
+import type { FastifyInstance, FastifyReply, FastifyRequest, RouteHandlerMethod } from 'fastify'
+import {
+  BodyUnseenError,
+  ConflictError,
+  HaltedError,
+  MismatchError,
+  StoreUnavailableError,
+  isIdempotencyError
+} from './errors.js'
+import { digest, requestFingerprint } from './fingerprint.js'
+import { storageKey } from './key.js'
+import { captureStream, exceeds, httpDate, readPayload, replay, storedHeaders } from './response.js'
+import type { RouteSettings } from './route.js'
+import type { StoredResponse } from './stores/store.js'
+import type { RequestTracker, TrackResult } from './tracker.js'
+
+/** What every tracked request of one plugin instance shares. */
+export interface PluginContext {
+  tracker: RequestTracker
+  excludedHeaders: ReadonlySet<string>
+  /** Answer the plugin's errors as application/problem+json. */
+  problemDetails: boolean
+}
+
+/**
+ * Where a tracked request stands:
+ * - `checked`: its key header is valid; nothing asked of the store yet;
+ * - `tracking`: the store is being asked;
+ * - `owned`: it created the record and its handler runs;
+ * - `settling`: its response reached onSend (or its end was seen), and the record is being settled;
+ * - `settled`: the record is completed, halted or released, or the store failed to settle it;
+ * - `replaying`: it gets the stored response;
+ * - `refused`: it got one of the plugin's errors (409, 422, 500 halted, 415, 503).
+ */
+export type TrackedState = 'checked' | 'tracking' | 'owned' | 'settling' | 'settled' | 'replaying' | 'refused'
+
+type Headers = ReturnType<FastifyReply['getHeaders']>
+type SendDone = (error: Error | null, payload?: unknown) => void
+type Settlement = { action: 'complete', response: StoredResponse, expiresAt: number } | { action: 'halt' | 'release' }
+
+export const kTracked = Symbol('fastify-idempotency.tracked')
+
+/** One request that carries a valid key on a tracked route: its life, from the key check to its settled record. */
+export class TrackedRequest {
+  state: TrackedState = 'checked'
+  readonly context: PluginContext
+  readonly route: RouteSettings
+  readonly clientKey: string
+  /** The storage key, once tracking began. */
+  key = ''
+  owner = ''
+  /** An error the request met after tracking began: Fastify's handler timeout, or the handler's. */
+  error: Error | undefined
+  handlerDone = false
+  /** An error was answered while the store was asked: the handler must not run. */
+  answeredEarly = false
+  #headersBefore = {} as Headers
+  #sentHeaders: Headers | undefined
+  #replayed: StoredResponse | undefined
+  #watchingEnd = false
+  #settleStarted = false
+
+  constructor (context: PluginContext, route: RouteSettings, clientKey: string) {
+    this.context = context
+    this.route = route
+    this.clientKey = clientKey
+  }
+
+  /** The handler's place: tracks the request, then runs the handler, replays, or refuses. */
+  async run (instance: FastifyInstance, handler: RouteHandlerMethod, request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
+    this.state = 'tracking'
+    let result: TrackResult
+    try {
+      result = await this.#track(request)
+    } catch (error) {
+      return this.#refuse(request, reply, error as Error)
+    }
+    switch (result.status) {
+      case 'created':
+        this.owner = result.owner
+        this.state = 'owned'
+        if (this.answeredEarly || reply.sent || reply.raw.headersSent) {
+          await this.settle(request, { action: 'release' }, 'the request was answered before its handler ran')
+          return reply
+        }
+        return this.#runHandler(instance, handler, request, reply)
+      case 'completed':
+        this.state = 'replaying'
+        this.#replayed = result.response
+        replay(reply, result.response)
+        return reply
+      case 'processing':
+        return this.#refuse(request, reply, new ConflictError())
+      case 'mismatch':
+        return this.#refuse(request, reply, new MismatchError())
+      case 'halted':
+        return this.#refuse(request, reply, new HaltedError())
+    }
+  }
+
+  /** Called at every `reply.send()` of an owned request: what the handler set is known then. */
+  noteSend (reply: FastifyReply): void {
+    this.#sentHeaders = reply.getHeaders()
+  }
+
+  /** The route's onError: a handler timeout while the store is asked, or the owner's error. */
+  noteError (reply: FastifyReply, error: Error): void {
+    if (this.state === 'tracking') this.answeredEarly = true
+    if (this.state !== 'owned') return
+    this.error = error
+    // Fastify's fallback, when the error response fails too, sends without onSend.
+    this.#settleAtEnd(reply, 'the response was not seen by onSend and is not stored')
+  }
+
+  /** The plugin's onSend: stores an owned request's response, and fixes a replay's content type. */
+  onSend (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: SendDone): void {
+    if (this.state === 'replaying') {
+      if ((this.#replayed as StoredResponse).headers['content-type'] === undefined) reply.removeHeader('content-type')
+      done(null, payload)
+      return
+    }
+    if (this.state !== 'owned') {
+      done(null, payload)
+      return
+    }
+    this.state = 'settling'
+    if (reply.statusCode >= 500) {
+      // An error answered while the handler still runs (Fastify's handlerTimeout) must not free the
+      // key for a second, concurrent run.
+      const release = this.route.track.releaseOnError && (this.handlerDone || this.error === undefined)
+      this.settle(request, { action: release ? 'release' : 'halt' }, 'the handler failed').then(() => { done(null, payload) }, done)
+      return
+    }
+    let read
+    try {
+      read = readPayload(reply, payload)
+    } catch (error) {
+      this.settle(request, { action: 'halt' }, 'the response could not be read').then(() => { done(error as Error) }, done)
+      return
+    }
+    const expiresAt = Date.now() + this.route.track.cacheTtl
+    const sent = read.headers === undefined ? this.#sentHeaders : { ...(this.#sentHeaders ?? reply.getHeaders()), ...read.headers }
+    const headers = storedHeaders(reply, this.#headersBefore, sent, this.context.excludedHeaders)
+    headers.expires = httpDate(expiresAt)
+    reply.header('expires', headers.expires)
+    if (read.kind === 'stream') {
+      done(null, this.#captureStream(request, reply, read.stream, headers, expiresAt))
+    } else if (read.kind === 'unknown') {
+      // Fastify rejects such a payload itself: let it.
+      void this.settle(request, { action: 'halt' }, 'the response body is of a type that cannot be stored')
+      done(null, payload)
+    } else {
+      this.#complete(request, reply, read.body, headers, expiresAt).then(() => { done(null, payload) }, done)
+    }
+  }
+
+  /**
+   * Settles an owned record, once, whoever asks first: completed with its response, halted (the
+   * outcome is unknown, and retries are told so), or released (deleted, so that a retry runs the
+   * handler, only where that cannot run it twice). Never rejects: a store failure is logged.
+   */
+  async settle (request: FastifyRequest, settlement: Settlement, reason: string, details: object = {}): Promise<void> {
+    if (this.#settleStarted) return
+    this.#settleStarted = true
+    this.state = 'settling'
+    const tracker = this.context.tracker
+    try {
+      const done = settlement.action === 'complete'
+        ? await tracker.putResponse(this.key, this.owner, settlement.response, settlement.expiresAt)
+        : settlement.action === 'halt'
+          ? await tracker.halt(this.key, this.owner, Date.now() + this.route.track.cacheTtl)
+          : await tracker.release(this.key, this.owner)
+      if (!done) request.log.warn('idempotency record was taken over before it was settled; it is left as it is')
+      else if (settlement.action !== 'complete') request.log.warn({ err: this.error, ...details }, `idempotency record ${settlement.action === 'halt' ? 'halted' : 'released'}: ${reason}`)
+    } catch (error) {
+      tracker.forget(this.key, this.owner)
+      request.log.error({ err: error }, settlement.action === 'complete'
+        ? 'idempotency store failed while saving the response; retries will see the request as halted'
+        : `idempotency store failed while settling a request (${reason})`)
+    }
+    this.state = 'settled'
+  }
+
+  async #track (request: FastifyRequest): Promise<TrackResult> {
+    const route = this.route
+    let scope: string | undefined
+    if (route.scope !== undefined) {
+      const value: unknown = await route.scope(request)
+      if (typeof value !== 'string') throw new TypeError('the idempotency scope function must return a string')
+      scope = value
+    }
+    this.key = storageKey({
+      method: request.method,
+      route: route.url,
+      constraints: route.constraints,
+      params: request.params as Record<string, unknown> | undefined,
+      scope,
+      key: this.clientKey
+    })
+    const fingerprint = route.fingerprint === undefined ? defaultFingerprint(request) : digest(await route.fingerprint(request))
+    try {
+      return await this.context.tracker.track(this.key, fingerprint, route.track)
+    } catch (error) {
+      request.log.error({ err: error }, 'idempotency store failed while tracking the request')
+      throw new StoreUnavailableError()
+    }
+  }
+
+  // The handler's own promise goes back to Fastify untouched; a handler that returns nothing (a
+  // synchronous one that sends later) is waited for through the reply, which resolves once the
+  // response ends.
+  #runHandler (instance: FastifyInstance, handler: RouteHandlerMethod, request: FastifyRequest, reply: FastifyReply): unknown {
+    this.#headersBefore = reply.getHeaders()
+    // An own property of this reply only: Fastify calls reply.send for every payload, the
+    // handler's, an async handler's result and an error handler's.
+    reply.send = sendNoting as FastifyReply['send']
+    let result: unknown
+    try {
+      result = handler.call(instance, request, reply)
+    } catch (error) {
+      this.handlerDone = true
+      throw error
+    }
+    const ended = (): void => { this.#handlerEnded(reply) }
+    // A reply is thenable too (it resolves when the response ends): returned, it means the handler is done.
+    if (result !== reply && typeof (result as PromiseLike<unknown> | undefined)?.then === 'function') (result as PromiseLike<unknown>).then(ended, ended)
+    else ended()
+    return result === undefined ? reply : result
+  }
+
+  // A hijacked reply never reaches onSend: once its response ends, the record is halted (the
+  // handler did its work, but what it sent is not known).
+  #handlerEnded (reply: FastifyReply): void {
+    this.handlerDone = true
+    if (this.state === 'owned' && reply.sent) this.#settleAtEnd(reply, 'the reply was hijacked and is not stored')
+  }
+
+  #settleAtEnd (reply: FastifyReply, reason: string): void {
+    if (this.#watchingEnd) return
+    this.#watchingEnd = true
+    const request = reply.request
+    const atEnd = (): void => {
+      if (this.state === 'owned') void this.settle(request, { action: 'halt' }, reason)
+    }
+    if (reply.raw.writableEnded || reply.raw.destroyed) atEnd()
+    else reply.raw.once('close', atEnd)
+  }
+
+  async #complete (request: FastifyRequest, reply: FastifyReply, body: Buffer | string, headers: StoredResponse['headers'], expiresAt: number): Promise<void> {
+    const limit = this.route.maxResponseSize
+    if (exceeds(body, limit)) {
+      await this.#haltOversized(request, Buffer.byteLength(body))
+      return
+    }
+    await this.settle(request, { action: 'complete', response: { statusCode: reply.statusCode, headers, body }, expiresAt }, 'the handler completed')
+  }
+
+  async #haltOversized (request: FastifyRequest, size: number): Promise<void> {
+    await this.settle(request, { action: 'halt' }, 'the response is larger than maxResponseSize and is not stored',
+      { size, maxResponseSize: this.route.maxResponseSize })
+  }
+
+  // The stream is stored as it is sent: the client's bytes pass through, a copy is kept up to
+  // maxResponseSize, and the record is settled before the client sees the end of the body.
+  #captureStream (request: FastifyRequest, reply: FastifyReply, source: Readable, headers: StoredResponse['headers'], expiresAt: number): unknown {
+    return captureStream(source, this.route.maxResponseSize, async (body, size) => {
+      if (body === undefined) await this.#haltOversized(request, size)
+      else await this.settle(request, { action: 'complete', response: { statusCode: reply.statusCode, headers, body }, expiresAt }, 'the handler completed')
+    }, (error) => {
+      this.error = error
+      // A client that went away cuts the stream short: the handler did its work, so the record is
+      // halted, never released for a second run. A stream that failed by itself is a failure.
+      const cut = error.code === 'ERR_STREAM_PREMATURE_CLOSE'
+      void this.settle(request, { action: cut || !this.route.track.releaseOnError ? 'halt' : 'release' },
+        cut ? 'the client went away during a streamed response' : 'the response stream failed')
+    })
+  }
+
+  // A refusal is thrown to Fastify's error handler, unless it is answered as problem+json here.
+  #refuse (request: FastifyRequest, reply: FastifyReply, error: Error): FastifyReply {
+    this.state = 'refused'
+    if (!answeredAsProblem(this.context, request, reply, error)) throw error
+    return reply
+  }
+}
+
+function sendNoting (this: FastifyReply, payload?: unknown): FastifyReply {
+  const tracked = (this.request as FastifyRequest & { [kTracked]: TrackedRequest | null })[kTracked]
+  if (tracked?.state === 'owned' && !this.sent) tracked.noteSend(this)
+  return (Object.getPrototypeOf(this) as FastifyReply).send.call(this, payload)
+}
+
+// A body that the route reads after tracking (multipart files read in the handler, a body left as
+// a stream) cannot be told apart from another: such a request is refused rather than tracked.
+function defaultFingerprint (request: FastifyRequest): string {
+  const body = request.body
+  const headers = request.headers
+  const hasBody = headers['transfer-encoding'] !== undefined || (headers['content-length'] !== undefined && headers['content-length'] !== '0')
+  if ((body === undefined && hasBody) || (body !== null && typeof (body as { pipe?: unknown })?.pipe === 'function')) throw new BodyUnseenError()
+  return requestFingerprint(headers['content-type'], request.query, body)
+}
+
+/**
+ * Sets an error's headers (Retry-After) on the reply, so that an app's own error handler keeps
+ * them, and answers it as problem+json when the plugin is told to; answers whether it did.
+ */
+export function answeredAsProblem (context: PluginContext, request: FastifyRequest, reply: FastifyReply, error: Error): boolean {
+  if (!isIdempotencyError(error)) return false
+  if (error.headers !== undefined) reply.headers(error.headers)
+  if (!context.problemDetails) return false
+  const url = request.url
+  const query = url.indexOf('?')
+  const { details: _details, ...problem } = error.toProblemDetails(query === -1 ? url : url.slice(0, query))
+  reply.code(error.statusCode).type('application/problem+json').send(JSON.stringify(problem))
+  return true
+}
