@@ -388,4 +388,3 @@ for (const kind of ['async', 'synchronous'] as const) {
     await app.close()
   })
 }
-

@@ -10,7 +10,6 @@ import { key, sleep } from './timing.js'
 /** Builds an app on the shared store under test; the helper closes it when the test ends. */
 export type SharedStoreApp = (t: Test, options?: IdempotencyOptions) => Promise<FastifyInstance>
 
-
 interface Answer { status: number, body: string, replayed: boolean }
 
 function post (port: number, idempotencyKey: string, body: string): Promise<Answer> {

@@ -3,9 +3,9 @@ export const sleep = (ms: number): Promise<void> => new Promise((resolve) => set
 
 /** A promise and the function that resolves it: a gate a test opens when it chooses. */
 export function deferred (): { promise: Promise<void>, resolve: () => void } {
-  let resolve!: () => void
-  const promise = new Promise<void>((done) => { resolve = done })
-  return { promise, resolve }
+  let open!: () => void
+  const promise = new Promise<void>((resolve) => { open = resolve })
+  return { promise, resolve: open }
 }
 
 /** The idempotency key header. */

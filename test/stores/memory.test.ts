@@ -252,7 +252,7 @@ t.test('rejects invalid options with InvalidOptionError naming the option', asyn
   for (const [name, options, detail] of cases) {
     let thrown: unknown
     try {
-      new MemoryStore(options as MemoryStoreOptions)
+      t.notOk(new MemoryStore(options as MemoryStoreOptions), 'never built')
     } catch (error) {
       thrown = error
     }
@@ -298,7 +298,6 @@ t.test('evicts completed text responses and gives back their bytes as it does Bu
   t.equal(await store.prune(), 3)
   t.equal(store.size, 0, 'after pruning everything')
 })
-
 
 t.test('a replayed record counts as recently used: the least recently used goes first', async (t) => {
   const { store, clock } = clockedStore()

@@ -123,11 +123,11 @@ if (requirePostgres(t)) {
     await pool.query(`INSERT INTO prune_test (key, state, fingerprint, expires_at)
       SELECT 'expired-' || n, 'completed', 'f', now() - interval '1 minute' FROM generate_series(1, 100000) AS n`)
     const store = new PostgresStore({ pool, table: 'prune_test', pruneBatchSize: 5000, timeout: 5000 })
-    let pruning = true
-    const pruned = store.prune().finally(() => { pruning = false })
+    const state = { pruning: true }
+    const pruned = store.prune().finally(() => { state.pruning = false })
     let served = 0
     let slowest = 0
-    while (pruning) {
+    while (state.pruning) {
       const started = Date.now()
       const result = await store.insert(`live-${served}`, { fingerprint: 'f', owner: 'o', expiresAt: Date.now() + 60_000, lease: 1000, takeOverExpiredLease: false })
       slowest = Math.max(slowest, Date.now() - started)

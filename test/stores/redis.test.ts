@@ -112,7 +112,7 @@ if (requireRedis(t)) {
   t.test('a call that timed out stays failed with the timeout when its connection closes later', async (t) => {
     const { client, admin, store } = await storeWithAdmin(t, 'late-close:')
     const { blocked } = await blockRedis(admin, 0.2)
-    const sent = (client as unknown as { idempotencyStepsBuffer: (...arguments_: unknown[]) => Promise<unknown> })
+    const sent = client as unknown as { idempotencyStepsBuffer: (...arguments_: unknown[]) => Promise<unknown> }
     const call = sent.idempotencyStepsBuffer
     let late: Promise<unknown> | undefined
     sent.idempotencyStepsBuffer = (...arguments_: unknown[]) => {
@@ -176,7 +176,6 @@ if (requireRedis(t)) {
     }
     return { calls: () => calls }
   }
-
 
   t.test('an insert whose answer was lost with its connection holds no key once the client is back', async (t) => {
     const proxy = await startProxy(server.port)
