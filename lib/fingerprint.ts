@@ -15,7 +15,9 @@ interface Frame {
 }
 
 /**
- * The SHA-256 digest (base64url) of `value` in a canonical form: object keys sorted, and every
+ * The SHA-256 digest (base64url) of `value` in a canonical form, or that form itself when it is
+ * at most `textUpTo` characters long (for a store in this process; no digest starts with `[`,
+ * `{` or `"`, so the two never meet): object keys sorted, and every
  * kind of value written with a mark of its own, so that two values share a digest only when they
  * are equal. Plain JSON values are written as canonical JSON (strings, lone surrogates included, as
  * JSON writes them); beyond JSON, `Map` and `Set` count by their entries, `BigInt` as such, and
@@ -25,32 +27,33 @@ interface Frame {
  * deep. Streams count as a mark only: their bytes are not in the value. Functions, symbols and
  * `undefined` count as absent in an object, as in JSON, and as `~` in a list.
  */
-export function digest (value: unknown): string {
+export function digest (value: unknown, textUpTo = 0): string {
   const writer = new CanonicalWriter()
   writer.write(value)
-  return writer.digest()
+  return writer.result(textUpTo)
 }
 
 /**
- * The digest of a list of parts, as `digest` gives it for the array of them, except that each
- * part is written on its own: an object that two parts share (the same empty object for two
- * absent parts) is written out in both.
+ * The canonical text of `value`, as `digest` hashes it, for the parts of a storage key a route
+ * fixes. Bytes, which key parts do not hold, are written as base64 here.
  */
-export function digestParts (parts: unknown[]): string {
-  const writer = new CanonicalWriter()
-  for (let index = 0; index < parts.length; index++) {
-    writer.text(index === 0 ? '[' : ',')
-    writer.write(parts[index])
-  }
-  writer.text(']')
-  return writer.digest()
+export function canonicalText (value: unknown): string {
+  const writer = new CanonicalWriter(false)
+  writer.write(value)
+  return writer.result(Infinity)
 }
 
 class CanonicalWriter {
+  // The text not yet hashed.
   #text = ''
+  readonly #hashing: boolean
   #hash: Hash | undefined
   #seen = new Map<object, number>()
   #frames: Frame[] = []
+
+  constructor (hashing = true) {
+    this.#hashing = hashing
+  }
 
   text (text: string): void {
     this.#append(text)
@@ -88,14 +91,20 @@ class CanonicalWriter {
     }
   }
 
-  digest (): string {
-    if (this.#hash === undefined) return hash('sha256', this.#text, 'base64url')
-    return this.#hash.update(this.#text).digest('base64url')
+  // The canonical text itself when it is at most `textUpTo` characters long, else its digest.
+  result (textUpTo: number): string {
+    const text = this.#text
+    if (this.#hash !== undefined) return this.#hash.update(text).digest('base64url')
+    if (text.length > textUpTo) return hash('sha256', text, 'base64url')
+    // Built with +=, the text is a rope of a node per piece, which a store in this process would
+    // keep: reading a character of it makes V8 flatten it into one string.
+    text.charCodeAt(0)
+    return text
   }
 
   #append (text: string): void {
     this.#text += text
-    if (this.#text.length >= FLUSH_AT) this.#flush()
+    if (this.#text.length >= FLUSH_AT && this.#hashing) this.#flush()
   }
 
   #flush (): Hash {
@@ -107,7 +116,8 @@ class CanonicalWriter {
 
   #bytes (tag: string, bytes: Uint8Array): void {
     this.#append(`${tag}${bytes.byteLength}:`)
-    this.#flush().update(bytes)
+    if (this.#hashing) this.#flush().update(bytes)
+    else this.#append(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('base64'))
   }
 
   // Writes a primitive at once; an array, a Map, a Set or an object opens a frame.
@@ -140,7 +150,11 @@ class CanonicalWriter {
       return
     }
     this.#seen.set(value, this.#seen.size)
-    if (Array.isArray(value)) {
+    const prototype = Object.getPrototypeOf(value)
+    // Parsed JSON is made of plain objects and arrays: they are told apart first.
+    if ((prototype === Object.prototype || prototype === null) && typeof (value as { toJSON?: unknown }).toJSON !== 'function') {
+      this.#members(value as Record<string, unknown>)
+    } else if (Array.isArray(value)) {
       this.#open('[', value, undefined)
     } else if (ArrayBuffer.isView(value)) {
       this.#bytes(`b${Object.prototype.toString.call(value).slice(8, -1)}`, new Uint8Array(value.buffer, value.byteOffset, value.byteLength))
@@ -157,8 +171,13 @@ class CanonicalWriter {
     } else if (typeof (value as { toJSON?: unknown }).toJSON === 'function') {
       this.#value((value as { toJSON: () => unknown }).toJSON())
     } else {
-      this.#open('{', value as Record<string, unknown>, Object.keys(value).sort())
+      this.#members(value as Record<string, unknown>)
     }
+  }
+
+  #members (value: Record<string, unknown>): void {
+    const names = Object.keys(value)
+    this.#open('{', value, names.length > 1 ? names.sort() : names)
   }
 
   #open (mark: string, items: Frame['items'], names: string[] | undefined): void {
@@ -170,7 +189,7 @@ class CanonicalWriter {
 // A string as JSON writes it: as it is between quotes, unless it holds a character JSON escapes.
 // JSON writes lone surrogates as \u escapes, so the text stays well-formed and its UTF-8 bytes
 // tell every string apart.
-function quote (value: string): string {
+export function quote (value: string): string {
   for (let index = 0; index < value.length; index++) {
     const code = value.charCodeAt(index)
     if (code < 0x20 || code === 0x22 || code === 0x5c || (code >= 0xd800 && code <= 0xdfff)) return JSON.stringify(value)
@@ -182,8 +201,33 @@ function quote (value: string): string {
  * The default fingerprint of a request: its media type (so that JSON `"abc"` and `text/plain`
  * `abc` differ; parameters such as a multipart boundary do not count), its parsed query and body.
  */
-export function requestFingerprint (contentType: string | undefined, query: unknown, body: unknown): string {
+export function requestFingerprint (contentType: string | undefined, query: unknown, body: unknown, textUpTo = 0): string {
   const semicolon = contentType === undefined ? -1 : contentType.indexOf(';')
   const mediaType = contentType === undefined ? '' : (semicolon === -1 ? contentType : contentType.slice(0, semicolon)).trim().toLowerCase()
-  return digestParts([mediaType, query, body])
+  const writer = new CanonicalWriter()
+  writer.text(`[${quote(mediaType)},`)
+  // Most requests have no query: its text is written at once.
+  if (isEmptyRecord(query)) writer.text('{}')
+  else writer.write(query)
+  writer.text(',')
+  writer.write(body)
+  writer.text(']')
+  return writer.result(textUpTo)
+}
+
+/** Whether a value is a plain object with no member that the canonical form writes: its text is `{}`. */
+export function isEmptyRecord (value: unknown): boolean {
+  if (value === null || typeof value !== 'object') return false
+  const prototype = Object.getPrototypeOf(value)
+  if (prototype !== Object.prototype && prototype !== null) return false
+  for (const name in value) {
+    const member = (value as Record<string, unknown>)[name]
+    if (Object.hasOwn(value, name) && member !== undefined && typeof member !== 'function' && typeof member !== 'symbol') return false
+  }
+  return true
+}
+
+/** The SHA-256 digest (base64url) of a text, or the text itself when it is at most `textUpTo` long. */
+export function digestText (text: string, textUpTo = 0): string {
+  return text.length <= textUpTo ? text : hash('sha256', text, 'base64url')
 }

@@ -11,6 +11,7 @@ export type { RedisClient, RedisStoreOptions } from './stores/redis.js'
 export { PostgresStore, POSTGRES_SCHEMA, postgresSchema } from './stores/postgres.js'
 export type { PostgresPool, PostgresQuery, PostgresStoreOptions } from './stores/postgres.js'
 export type {
+  Awaitable,
   IdempotencyRecord,
   IdempotencyStore,
   InsertResult,

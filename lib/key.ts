@@ -1,4 +1,4 @@
-import { digestParts } from './fingerprint.js'
+import { canonicalText, digestText, isEmptyRecord, quote } from './fingerprint.js'
 
 const QUOTE = 0x22
 const BACKSLASH = 0x5c
@@ -68,14 +68,26 @@ export interface RequestIdentity {
   scope?: string | undefined
 }
 
-const NONE = Object.freeze({})
-
 /**
  * The key under which a request is stored: the SHA-256 digest of who asked (scope), what was
  * asked (method, route, parameters and constraints) and the client's key, each written so that
- * no two identities share a text. No client text reaches the store's key space, and the same key
- * on another route, another constraint or another scope is another request.
+ * no two identities share a text. No client text reaches the key space of a store outside this
+ * process (a store in it, `inProcess`, gets that text itself), and the same key on another
+ * route, another constraint or another scope is another request.
  */
-export function storageKey (identity: RequestIdentity): string {
-  return digestParts([identity.method, identity.route, identity.constraints ?? NONE, identity.params ?? NONE, identity.scope, identity.key])
+export function storageKey (identity: RequestIdentity, inProcess = false): string {
+  return storageKeyFrom(routeKeyStart(identity.method, identity.route, identity.constraints), identity.params, identity.scope, identity.key, inProcess)
+}
+
+/** The start of a storage key's text: the part a route fixes, written once per route and method. */
+export function routeKeyStart (method: string, route: string, constraints: Record<string, unknown> | undefined): string {
+  return canonicalText([method, route, constraints ?? {}]).slice(0, -1)
+}
+
+/** `storageKey` from the start `routeKeyStart` wrote: the text is that of the list of all six parts. */
+export function storageKeyFrom (start: string, params: Record<string, unknown> | undefined, scope: string | undefined, key: string, inProcess: boolean): string {
+  const paramsText = params === undefined || isEmptyRecord(params) ? '{}' : canonicalText(params)
+  // Joined rather than concatenated: one flat string, where a template would be a rope of a node
+  // per part for a store in this process to keep.
+  return digestText([start, paramsText, scope === undefined ? '~' : quote(scope), `${quote(key)}]`].join(','), inProcess ? Infinity : 0)
 }

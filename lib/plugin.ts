@@ -42,6 +42,7 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     settings,
     excludedHeaders: new Set(settings.excludeHeaders),
     problemDetails: settings.problemDetails,
+    inProcess: tracker.store.inProcess === true,
     headerLabel: settings.header.replace(/(^|-)([a-z])/g, (_, dash: string, letter: string) => dash + letter.toUpperCase())
   }
 
@@ -50,7 +51,8 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
   fastify.decorateRequest(kTracked, null)
 
   const pruneTimer = setInterval(() => {
-    tracker.prune().catch((error: unknown) => {
+    // Through a promise, so that a store that throws instead of rejecting cannot throw from a timer.
+    Promise.resolve().then(() => tracker.prune()).catch((error: unknown) => {
       fastify.log.warn({ err: error }, 'idempotency store prune failed')
     })
   }, settings.prune).unref()

@@ -1,4 +1,5 @@
 import type { Readable } from 'node:stream'
+import { step, type Awaitable } from './awaitable.js'
 import type { FastifyInstance, FastifyReply, FastifyRequest, RouteHandlerMethod } from 'fastify'
 import {
   BodyUnseenError,
@@ -9,8 +10,9 @@ import {
   isIdempotencyError
 } from './errors.js'
 import { digest, requestFingerprint } from './fingerprint.js'
-import { storageKey } from './key.js'
+import { storageKeyFrom } from './key.js'
 import { captureStream, exceeds, httpDate, readPayload, replay, storedHeaders } from './response.js'
+import type { FingerprintFunction } from './options.js'
 import type { RouteSettings } from './route.js'
 import type { StoredResponse } from './stores/store.js'
 import type { RequestTracker, TrackResult } from './tracker.js'
@@ -21,7 +23,12 @@ export interface PluginContext {
   excludedHeaders: ReadonlySet<string>
   /** Answer the plugin's errors as application/problem+json. */
   problemDetails: boolean
+  /** The store keeps its records in this process: it gets keys and small fingerprints as text. */
+  inProcess: boolean
 }
+
+// An in-process store keeps a fingerprint of up to this many characters as its text.
+const FINGERPRINT_TEXT = 256
 
 /**
  * Where a tracked request stands:
@@ -58,7 +65,6 @@ export class TrackedRequest {
   #headersBefore = {} as Headers
   #sentHeaders: Headers | undefined
   #replayed: StoredResponse | undefined
-  #watchingEnd = false
   #settleStarted = false
 
   constructor (context: PluginContext, route: RouteSettings, clientKey: string) {
@@ -67,22 +73,23 @@ export class TrackedRequest {
     this.clientKey = clientKey
   }
 
-  /** The handler's place: tracks the request, then runs the handler, replays, or refuses. */
-  async run (instance: FastifyInstance, handler: RouteHandlerMethod, request: FastifyRequest, reply: FastifyReply): Promise<unknown> {
+  /**
+   * The handler's place: tracks the request, then runs the handler, replays, or refuses. It
+   * answers at once when the scope, the fingerprint and the store do, else with a promise.
+   */
+  run (instance: FastifyInstance, handler: RouteHandlerMethod, request: FastifyRequest, reply: FastifyReply): unknown {
     this.state = 'tracking'
-    let result: TrackResult
-    try {
-      result = await this.#track(request)
-    } catch (error) {
-      return this.#refuse(request, reply, error as Error)
-    }
+    return step(() => this.#track(request), (result) => this.#tracked(instance, handler, request, reply, result),
+      (error) => this.#refuse(request, reply, error as Error))
+  }
+
+  #tracked (instance: FastifyInstance, handler: RouteHandlerMethod, request: FastifyRequest, reply: FastifyReply, result: TrackResult): unknown {
     switch (result.status) {
       case 'created':
         this.owner = result.owner
         this.state = 'owned'
         if (this.answeredEarly || reply.sent || reply.raw.headersSent) {
-          await this.settle(request, { action: 'release' }, 'the request was answered before its handler ran')
-          return reply
+          return step(() => this.settle(request, { action: 'release' }, 'the request was answered before its handler ran'), () => reply)
         }
         return this.#runHandler(instance, handler, request, reply)
       case 'completed':
@@ -129,19 +136,21 @@ export class TrackedRequest {
       // An error answered while the handler still runs (Fastify's handlerTimeout) must not free the
       // key for a second, concurrent run.
       const release = this.route.track.releaseOnError && (this.handlerDone || this.error === undefined)
-      this.settle(request, { action: release ? 'release' : 'halt' }, 'the handler failed').then(() => { done(null, payload) }, done)
+      step(() => this.settle(request, { action: release ? 'release' : 'halt' }, 'the handler failed'), () => { done(null, payload) })
       return
     }
     let read
     try {
       read = readPayload(reply, payload)
     } catch (error) {
-      this.settle(request, { action: 'halt' }, 'the response could not be read').then(() => { done(error as Error) }, done)
+      step(() => this.settle(request, { action: 'halt' }, 'the response could not be read'), () => { done(error as Error) })
       return
     }
     const expiresAt = Date.now() + this.route.track.cacheTtl
-    const sent = read.headers === undefined ? this.#sentHeaders : { ...(this.#sentHeaders ?? reply.getHeaders()), ...read.headers }
-    const headers = storedHeaders(reply, this.#headersBefore, sent, this.context.excludedHeaders)
+    // Noted at reply.send(); a response sent around it (a plugin calling Fastify's own send) has
+    // not had its headers changed by any hook yet.
+    const sent = this.#sentHeaders ?? reply.getHeaders()
+    const headers = storedHeaders(reply, this.#headersBefore, read.headers === undefined ? sent : { ...sent, ...read.headers }, this.context.excludedHeaders)
     headers.expires = httpDate(expiresAt)
     reply.header('expires', headers.expires)
     if (read.kind === 'stream') {
@@ -151,60 +160,57 @@ export class TrackedRequest {
       void this.settle(request, { action: 'halt' }, 'the response body is of a type that cannot be stored')
       done(null, payload)
     } else {
-      this.#complete(request, reply, read.body, headers, expiresAt).then(() => { done(null, payload) }, done)
+      step(() => this.#complete(request, reply, read.body, headers, expiresAt), () => { done(null, payload) })
     }
   }
 
   /**
    * Settles an owned record, once, whoever asks first: completed with its response, halted (the
    * outcome is unknown, and retries are told so), or released (deleted, so that a retry runs the
-   * handler, only where that cannot run it twice). Never rejects: a store failure is logged.
+   * handler, only where that cannot run it twice). Never fails: a store failure is logged.
    */
-  async settle (request: FastifyRequest, settlement: Settlement, reason: string, details: object = {}): Promise<void> {
+  settle (request: FastifyRequest, settlement: Settlement, reason: string, details: object = {}): Awaitable<void> {
     if (this.#settleStarted) return
     this.#settleStarted = true
     this.state = 'settling'
     const tracker = this.context.tracker
-    try {
-      const done = settlement.action === 'complete'
-        ? await tracker.putResponse(this.key, this.owner, settlement.response, settlement.expiresAt)
-        : settlement.action === 'halt'
-          ? await tracker.halt(this.key, this.owner, Date.now() + this.route.track.cacheTtl)
-          : await tracker.release(this.key, this.owner)
+    return step(() => settlement.action === 'complete'
+      ? tracker.putResponse(this.key, this.owner, settlement.response, settlement.expiresAt)
+      : settlement.action === 'halt'
+        ? tracker.halt(this.key, this.owner, Date.now() + this.route.track.cacheTtl)
+        : tracker.release(this.key, this.owner), (done) => {
+      this.state = 'settled'
       if (!done) request.log.warn('idempotency record was taken over before it was settled; it is left as it is')
       else if (settlement.action !== 'complete') request.log.warn({ err: this.error, ...details }, `idempotency record ${settlement.action === 'halt' ? 'halted' : 'released'}: ${reason}`)
-    } catch (error) {
+    }, (error) => {
+      this.state = 'settled'
       tracker.forget(this.key, this.owner)
       request.log.error({ err: error }, settlement.action === 'complete'
         ? 'idempotency store failed while saving the response; retries will see the request as halted'
         : `idempotency store failed while settling a request (${reason})`)
-    }
-    this.state = 'settled'
+    })
   }
 
-  async #track (request: FastifyRequest): Promise<TrackResult> {
+  // The storage key and the fingerprint, from the route's scope and fingerprint functions when
+  // it has them (either may be async), then the store's answer. A store failure is a 503.
+  #track (request: FastifyRequest): Awaitable<TrackResult> {
     const route = this.route
-    let scope: string | undefined
-    if (route.scope !== undefined) {
-      const value: unknown = await route.scope(request)
-      if (typeof value !== 'string') throw new TypeError('the idempotency scope function must return a string')
-      scope = value
-    }
-    this.key = storageKey({
-      method: request.method,
-      route: route.url,
-      constraints: route.constraints,
-      params: request.params as Record<string, unknown> | undefined,
-      scope,
-      key: this.clientKey
+    return step(() => route.scope?.(request), (scope) => {
+      if (route.scope !== undefined && typeof scope !== 'string') throw new TypeError('the idempotency scope function must return a string')
+      const inProcess = this.context.inProcess
+      this.key = storageKeyFrom(route.keyStarts[request.method] as string, request.params as Record<string, unknown> | undefined,
+        scope as string | undefined, this.clientKey, inProcess)
+      const textUpTo = inProcess ? FINGERPRINT_TEXT : 0
+      if (route.fingerprint === undefined) return this.#ask(request, defaultFingerprint(request, textUpTo))
+      return step(() => (route.fingerprint as FingerprintFunction)(request), (value) => this.#ask(request, digest(value, textUpTo)))
     })
-    const fingerprint = route.fingerprint === undefined ? defaultFingerprint(request) : digest(await route.fingerprint(request))
-    try {
-      return await this.context.tracker.track(this.key, fingerprint, route.track)
-    } catch (error) {
+  }
+
+  #ask (request: FastifyRequest, fingerprint: string): Awaitable<TrackResult> {
+    return step(() => this.context.tracker.track(this.key, fingerprint, this.route.track), (result) => result, (error) => {
       request.log.error({ err: error }, 'idempotency store failed while tracking the request')
       throw new StoreUnavailableError()
-    }
+    })
   }
 
   // The handler's own promise goes back to Fastify untouched; a handler that returns nothing (a
@@ -236,38 +242,31 @@ export class TrackedRequest {
     if (this.state === 'owned' && reply.sent) this.#settleAtEnd(reply, 'the reply was hijacked and is not stored')
   }
 
+  // Halts the record once the response ends, unless something settled it first.
   #settleAtEnd (reply: FastifyReply, reason: string): void {
-    if (this.#watchingEnd) return
-    this.#watchingEnd = true
     const request = reply.request
-    const atEnd = (): void => {
-      if (this.state === 'owned') void this.settle(request, { action: 'halt' }, reason)
-    }
+    const atEnd = (): void => { void this.settle(request, { action: 'halt' }, reason) }
     if (reply.raw.writableEnded || reply.raw.destroyed) atEnd()
     else reply.raw.once('close', atEnd)
   }
 
-  async #complete (request: FastifyRequest, reply: FastifyReply, body: Buffer | string, headers: StoredResponse['headers'], expiresAt: number): Promise<void> {
-    const limit = this.route.maxResponseSize
-    if (exceeds(body, limit)) {
-      await this.#haltOversized(request, Buffer.byteLength(body))
-      return
-    }
-    await this.settle(request, { action: 'complete', response: { statusCode: reply.statusCode, headers, body }, expiresAt }, 'the handler completed')
+  #complete (request: FastifyRequest, reply: FastifyReply, body: Buffer | string, headers: StoredResponse['headers'], expiresAt: number): Awaitable<void> {
+    if (exceeds(body, this.route.maxResponseSize)) return this.#haltOversized(request, Buffer.byteLength(body))
+    return this.settle(request, { action: 'complete', response: { statusCode: reply.statusCode, headers, body }, expiresAt }, 'the handler completed')
   }
 
-  async #haltOversized (request: FastifyRequest, size: number): Promise<void> {
-    await this.settle(request, { action: 'halt' }, 'the response is larger than maxResponseSize and is not stored',
+  #haltOversized (request: FastifyRequest, size: number): Awaitable<void> {
+    return this.settle(request, { action: 'halt' }, 'the response is larger than maxResponseSize and is not stored',
       { size, maxResponseSize: this.route.maxResponseSize })
   }
 
   // The stream is stored as it is sent: the client's bytes pass through, a copy is kept up to
   // maxResponseSize, and the record is settled before the client sees the end of the body.
   #captureStream (request: FastifyRequest, reply: FastifyReply, source: Readable, headers: StoredResponse['headers'], expiresAt: number): unknown {
-    return captureStream(source, this.route.maxResponseSize, async (body, size) => {
-      if (body === undefined) await this.#haltOversized(request, size)
-      else await this.settle(request, { action: 'complete', response: { statusCode: reply.statusCode, headers, body }, expiresAt }, 'the handler completed')
-    }, (error) => {
+    return captureStream(source, this.route.maxResponseSize, (body, size) => body === undefined
+      ? this.#haltOversized(request, size)
+      : this.settle(request, { action: 'complete', response: { statusCode: reply.statusCode, headers, body }, expiresAt }, 'the handler completed'),
+    (error) => {
       this.error = error
       // A client that went away cuts the stream short: the handler did its work, so the record is
       // halted, never released for a second run. A stream that failed by itself is a failure.
@@ -293,12 +292,12 @@ function sendNoting (this: FastifyReply, payload?: unknown): FastifyReply {
 
 // A body that the route reads after tracking (multipart files read in the handler, a body left as
 // a stream) cannot be told apart from another: such a request is refused rather than tracked.
-function defaultFingerprint (request: FastifyRequest): string {
+function defaultFingerprint (request: FastifyRequest, textUpTo: number): string {
   const body = request.body
   const headers = request.headers
   const hasBody = headers['transfer-encoding'] !== undefined || (headers['content-length'] !== undefined && headers['content-length'] !== '0')
   if ((body === undefined && hasBody) || (body !== null && typeof (body as { pipe?: unknown })?.pipe === 'function')) throw new BodyUnseenError()
-  return requestFingerprint(headers['content-type'], request.query, body)
+  return requestFingerprint(headers['content-type'], request.query, body, textUpTo)
 }
 
 /**

@@ -1,5 +1,6 @@
 import { pipeline, Readable, Transform } from 'node:stream'
 import type { FastifyReply } from 'fastify'
+import { step, type Awaitable } from './awaitable.js'
 import type { StoredResponse } from './stores/store.js'
 
 type Headers = ReturnType<FastifyReply['getHeaders']>
@@ -11,11 +12,10 @@ type Headers = ReturnType<FastifyReply['getHeaders']>
  * (CORS at preSerialization, content coding, ETag) belong to each request and are left out, as
  * are the excluded ones.
  */
-export function storedHeaders (reply: FastifyReply, before: Headers, sent: Headers | undefined, excluded: ReadonlySet<string>): StoredResponse['headers'] {
-  const handlerHeaders = sent ?? reply.getHeaders()
+export function storedHeaders (reply: FastifyReply, before: Headers, sent: Headers, excluded: ReadonlySet<string>): StoredResponse['headers'] {
   const headers: StoredResponse['headers'] = {}
-  for (const name in handlerHeaders) {
-    const value = handlerHeaders[name]
+  for (const name in sent) {
+    const value = sent[name]
     if (value !== undefined && value !== before[name] && !excluded.has(name)) headers[name] = value
   }
   const contentType = reply.getHeader('content-type')
@@ -68,7 +68,7 @@ export function exceeds (body: Buffer | string, limit: number): boolean {
 export function captureStream (
   source: Readable,
   limit: number,
-  onEnd: (body: Buffer | undefined, size: number) => Promise<void>,
+  onEnd: (body: Buffer | undefined, size: number) => Awaitable<void>,
   onError: (error: NodeJS.ErrnoException) => void
 ): Readable {
   const chunks: Buffer[] = []
@@ -80,7 +80,7 @@ export function captureStream (
       callback(null, chunk)
     },
     flush (callback) {
-      onEnd(size > limit ? undefined : Buffer.concat(chunks, size), size).then(() => { callback() }, callback)
+      step(() => onEnd(size > limit ? undefined : Buffer.concat(chunks, size), size), () => { callback() })
     }
   })
   pipeline(source, capture, (error) => {

@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto'
+import { step, type Awaitable } from './awaitable.js'
 import type { IdempotencyStore, InsertResult, RecordUpdate, StoredResponse } from './stores/store.js'
 
 /** What `track` found, and so what the request should get. */
@@ -48,7 +49,9 @@ interface Lease {
  * of a key creates a record this tracker owns, later ones see its state. While an owned
  * request runs, its lease is renewed a third of the way through, so a record whose lease
  * expired belongs to a dead instance. The tracker knows nothing of HTTP; the plugin maps its
- * results to responses. A store failure rejects.
+ * results to responses. Every method answers the way its store does: directly for a store that
+ * answers at once (the memory store), through a promise otherwise; `await` fits both. A store
+ * failure is thrown or rejected.
  *
  * @example
  * const tracker = new RequestTracker(store, { logger, cacheTtl: 86_400_000, processingTtl: 60_000, releaseOnError: false })
@@ -72,37 +75,31 @@ export class RequestTracker {
   }
 
   /** Looks the key up and, when no live record holds it, atomically creates one owned by this request. */
-  async track (key: string, fingerprint: string, options: TrackOptions = this.defaults): Promise<TrackResult> {
+  track (key: string, fingerprint: string, options: TrackOptions = this.defaults): Awaitable<TrackResult> {
     const owner = OWNER_PREFIX + (++owners).toString(36)
     // A running record lives at least as long as its lease; renewals keep it alive past that.
     const expiresAt = Date.now() + Math.max(options.cacheTtl, options.processingTtl)
-    const result = await this.store.insert(key, {
-      fingerprint,
-      owner,
-      expiresAt,
-      lease: options.processingTtl,
-      takeOverExpiredLease: options.releaseOnError
-    })
-    if (result.inserted) {
+    const record = { fingerprint, owner, expiresAt, lease: options.processingTtl, takeOverExpiredLease: options.releaseOnError }
+    return step(() => this.store.insert(key, record), (result): TrackResult => {
+      if (!result.inserted) return found(result, fingerprint)
       this.#watch(key, owner, options.processingTtl)
       return { status: 'created', owner, expiresAt }
-    }
-    return found(result, fingerprint)
+    })
   }
 
   /** Stores the response of an owned request; answers whether the store took it. */
-  async putResponse (key: string, owner: string, response: StoredResponse, expiresAt = Date.now() + this.defaults.cacheTtl): Promise<boolean> {
-    return await this.#settle(key, owner, { state: 'completed', response, expiresAt })
+  putResponse (key: string, owner: string, response: StoredResponse, expiresAt = Date.now() + this.defaults.cacheTtl): Awaitable<boolean> {
+    return this.#settle(key, owner, { state: 'completed', response, expiresAt })
   }
 
   /** Marks an owned request halted: its outcome is unknown, and retries are told so. */
-  async halt (key: string, owner: string, expiresAt = Date.now() + this.defaults.cacheTtl): Promise<boolean> {
-    return await this.#settle(key, owner, { state: 'halted', expiresAt })
+  halt (key: string, owner: string, expiresAt = Date.now() + this.defaults.cacheTtl): Awaitable<boolean> {
+    return this.#settle(key, owner, { state: 'halted', expiresAt })
   }
 
   /** Deletes an owned request's record, so that a retry runs the handler again. */
-  async release (key: string, owner: string): Promise<boolean> {
-    return await this.#settle(key, owner, undefined)
+  release (key: string, owner: string): Awaitable<boolean> {
+    return this.#settle(key, owner, undefined)
   }
 
   /** Stops renewing an owned request's lease, e.g. when saving its response failed: it lapses. */
@@ -114,8 +111,8 @@ export class RequestTracker {
   }
 
   /** Removes expired records from the store. */
-  async prune (): Promise<number> {
-    return await this.store.prune()
+  prune (): Awaitable<number> {
+    return this.store.prune()
   }
 
   /** Stops renewing leases; records of requests still running will expire with their lease. */
@@ -124,10 +121,10 @@ export class RequestTracker {
     this.#leases.clear()
   }
 
-  // Renewals stop before the record is settled.
-  async #settle (key: string, owner: string, update: RecordUpdate | undefined): Promise<boolean> {
+  // Renewals stop before the record is settled. The store's own promise is handed back.
+  #settle (key: string, owner: string, update: RecordUpdate | undefined): Awaitable<boolean> {
     this.forget(key, owner)
-    return update === undefined ? await this.store.delete(key, owner) : await this.store.update(key, owner, update)
+    return update === undefined ? this.store.delete(key, owner) : this.store.update(key, owner, update)
   }
 
   #watch (key: string, owner: string, lease: number): void {

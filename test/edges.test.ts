@@ -1,7 +1,7 @@
 import { Readable } from 'node:stream'
 import type { AddressInfo } from 'node:net'
 import t from 'tap'
-import Fastify, { type FastifyRequest } from 'fastify'
+import Fastify, { type FastifyReply, type FastifyRequest } from 'fastify'
 import idempotency from '../lib/index.js'
 import { buildApp } from './helpers/app.js'
 import { abandonRequest } from './helpers/http.js'
@@ -252,4 +252,24 @@ t.test('a stale owner that fails after its key was taken over leaves the new rec
   t.same(replay.json(), { by: 'survivor' })
   await dying.close()
   await survivor.close()
+})
+
+t.test('a response sent around reply.send (as a plugin calling Fastify\'s own send may) still stores the headers the handler set', async (t) => {
+  const app = await buildApp()
+  let runs = 0
+  app.post('/direct', { config: { idempotency: true } }, (request, reply) => {
+    runs++
+    reply.header('x-order', 'o1').code(201)
+    ;(Object.getPrototypeOf(reply) as FastifyReply).send.call(reply, 'made')
+    return reply
+  })
+  const first = await app.inject({ method: 'POST', url: '/direct', headers: key('k'), payload: {} })
+  const replay = await app.inject({ method: 'POST', url: '/direct', headers: key('k'), payload: {} })
+  t.equal(first.statusCode, 201)
+  t.equal(replay.statusCode, 201)
+  t.equal(replay.body, 'made')
+  t.equal(replay.headers['x-order'], 'o1')
+  t.equal(replay.headers['idempotent-replayed'], 'true')
+  t.equal(runs, 1)
+  await app.close()
 })

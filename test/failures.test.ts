@@ -131,6 +131,25 @@ t.test('halts the record when the response stream fails', async (t) => {
   await app.close()
 })
 
+t.test('with releaseOnError a response stream that fails by itself releases the record, so a retry runs again', async (t) => {
+  const app = await buildApp({ releaseOnError: true })
+  let runs = 0
+  app.post('/report', { config: { idempotency: true } }, async (request, reply) => {
+    runs++
+    return reply.type('text/plain').send(new Readable({
+      read () {
+        this.push('partial')
+        this.destroy(new Error('disk gone'))
+      }
+    }))
+  })
+  await app.inject({ method: 'POST', url: '/report', headers: key('k'), payload: {} }).catch(() => undefined)
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  await app.inject({ method: 'POST', url: '/report', headers: key('k'), payload: {} }).catch(() => undefined)
+  t.equal(runs, 2, 'the retry ran the handler: the record was released')
+  await app.close()
+})
+
 t.test('does not store a body larger than maxResponseSize: the record is halted with a warning', async (t) => {
   const logs = logCollector()
   const app = Fastify({ logger: { level: 'warn', stream: logs.stream } })

@@ -148,6 +148,8 @@ t.test('a request fingerprint is its media type, its query and its body', async 
   t.equal(requestFingerprint(undefined, new Query(), { a: 1 }), requestFingerprint(undefined, {}, { a: 1 }), 'an empty query object of any class')
   t.equal(requestFingerprint(undefined, { a: undefined }, { b: 1 }), requestFingerprint(undefined, {}, { b: 1 }), 'a query of undefined members is empty')
   t.not(requestFingerprint(undefined, { dry: 'true' }, { a: 1 }), requestFingerprint(undefined, {}, { a: 1 }), 'the query counts')
+  t.not(requestFingerprint(undefined, null, { a: 1 }), requestFingerprint(undefined, {}, { a: 1 }), 'a null query is not an empty one')
+  t.not(requestFingerprint(undefined, 'a=1', { a: 1 }), requestFingerprint(undefined, { a: '1' }, { a: 1 }), 'a query left as text is not its parsed form')
   t.equal(requestFingerprint(undefined, { b: '2', a: '1' }, {}), requestFingerprint(undefined, { a: '1', b: '2' }, {}))
   t.not(requestFingerprint(undefined, {}, [{ x: '1' }, [1]]), requestFingerprint(undefined, { x: '1' }, [1]), 'a body cannot pose as a query')
 })

@@ -23,6 +23,8 @@ t.test('identities that differ in any part never share a key', async (t) => {
     { ...base, constraints: { host: 'b.example.com' } },
     { ...base, constraints: { version: '2.0.0' } },
     { ...base, constraints: { host: /^.*\.example\.com$/ } },
+    { ...base, constraints: { tag: Buffer.from('a') } },
+    { ...base, constraints: { tag: Buffer.from('b') } },
     { ...base, scope: '' },
     { ...base, scope: 'user' },
     { ...base, scope: 'user","k-1' },

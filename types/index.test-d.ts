@@ -2,6 +2,8 @@ import Fastify, { type FastifyContextConfig, type FastifyRequest, type RouteShor
 import { expectAssignable, expectError, expectNotAssignable, expectType } from 'tsd'
 import { Redis as IORedis } from 'ioredis'
 import idempotency, {
+  AlreadyRegisteredError,
+  BodyUnseenError,
   ConflictError,
   HaltedError,
   idempotency as namedIdempotency,
@@ -14,6 +16,7 @@ import idempotency, {
   RedisStore,
   RequestTracker,
   StoreUnavailableError,
+  type Awaitable,
   type IdempotencyError,
   type IdempotencyOptions,
   type IdempotencyRecord,
@@ -80,16 +83,19 @@ class UserStore implements IdempotencyStore {
 }
 app.register(idempotency, { store: new UserStore() })
 
-// A store answers with promises: one that answers directly does not fit.
-class SyncUserStore {
+// A store may answer directly, as the memory store does, and say it keeps records in process.
+class SyncUserStore implements IdempotencyStore {
+  readonly inProcess = true
   insert (_key: string, _record: NewRecord): InsertResult { return { inserted: true } }
   lookup (_key: string): IdempotencyRecord | undefined { return undefined }
   update (_key: string, _owner: string, _update: RecordUpdate): boolean { return true }
   delete (_key: string, _owner: string): boolean { return true }
   prune (): number { return 0 }
 }
-expectNotAssignable<IdempotencyStore>(new SyncUserStore())
-expectType<Promise<number>>(new UserStore().prune())
+app.register(idempotency, { store: new SyncUserStore() })
+expectType<number>(new SyncUserStore().prune())
+expectType<Awaitable<number>>((new SyncUserStore() as IdempotencyStore).prune())
+expectNotAssignable<IdempotencyStore>({ ...new SyncUserStore(), inProcess: 'yes' })
 expectAssignable<IdempotencyStore>(new MemoryStore())
 expectNotAssignable<IdempotencyStore>({ insert: async () => ({ inserted: true }) })
 
@@ -97,9 +103,10 @@ expectNotAssignable<IdempotencyStore>({ insert: async () => ({ inserted: true })
 expectType<RequestTracker>(app.idempotency)
 expectType<IdempotencyStore>(app.idempotency.store)
 const trackOptions: TrackOptions = { cacheTtl: 1000, processingTtl: 100, releaseOnError: false }
-expectType<Promise<TrackResult>>(app.idempotency.track('key', 'fingerprint', trackOptions))
+// The tracker answers as its store does: directly or through a promise; `await` fits both.
+expectType<Awaitable<TrackResult>>(app.idempotency.track('key', 'fingerprint', trackOptions))
 declare const stored: StoredResponse
-expectType<Promise<boolean>>(app.idempotency.putResponse('key', 'owner', stored, Date.now() + 1000))
+expectType<Awaitable<boolean>>(app.idempotency.putResponse('key', 'owner', stored, Date.now() + 1000))
 expectAssignable<StoredResponse>({ statusCode: 200, headers: {}, body: 'text' })
 expectAssignable<StoredResponse>({ statusCode: 200, headers: {}, body: Buffer.from('bytes') })
 expectNotAssignable<StoredResponse>({ statusCode: 200, headers: {}, body: 42 })
@@ -149,6 +156,8 @@ expectType<IdempotencyError>(KeyMissingError('Idempotency-Key'))
 expectType<IdempotencyError>(new KeyMultipleError('Idempotency-Key'))
 expectType<IdempotencyError>(new KeyInvalidError('Idempotency-Key', 255))
 expectType<IdempotencyError>(new ConflictError())
+expectType<IdempotencyError>(new BodyUnseenError())
+expectType<'FST_IDEMPOTENCY_ALREADY_REGISTERED'>(new AlreadyRegisteredError().code)
 expectType<IdempotencyError>(new MismatchError())
 expectType<IdempotencyError>(new HaltedError())
 expectType<IdempotencyError>(new StoreUnavailableError())

@@ -1,4 +1,4 @@
-import { MemoryStore, type IdempotencyStore, type NewRecord, type RecordUpdate } from '../../lib/index.js'
+import { MemoryStore, type Awaitable, type IdempotencyStore, type NewRecord, type RecordUpdate } from '../../lib/index.js'
 
 type Operation = 'insert' | 'lookup' | 'update' | 'delete' | 'prune'
 
@@ -42,7 +42,7 @@ export class FaultyStore implements IdempotencyStore {
     return this.#call('prune', () => this.inner.prune())
   }
 
-  #call<Result> (operation: Operation, run: () => Promise<Result>, key?: string, state?: string): Promise<Result> {
+  #call<Result> (operation: Operation, run: () => Awaitable<Result>, key?: string, state?: string): Promise<Result> {
     this.calls.push({ operation, key, state })
     const failing = this.failing.has(operation)
     if (failing && this.throws) throw new Error(`store ${operation} failed`)
