@@ -1,3 +1,4 @@
+import { spawnSync } from 'node:child_process'
 import { createRequire } from 'node:module'
 import t from 'tap'
 import Fastify from 'fastify'
@@ -29,4 +30,15 @@ t.test('the built plugin replays a response end to end', async (t) => {
   t.equal((await send()).headers['idempotent-replayed'], 'true')
   t.equal(runs, 1)
   await app.close()
+})
+
+t.test('the published tarball holds the built package, its SQL, README and LICENSE, and no source maps that would point at missing sources', async (t) => {
+  const packed = spawnSync('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { encoding: 'utf8' })
+  t.equal(packed.status, 0, packed.stderr)
+  const files = (JSON.parse(packed.stdout) as Array<{ files: Array<{ path: string }> }>)[0]?.files.map((file) => file.path) ?? []
+  for (const path of ['package.json', 'README.md', 'LICENSE', 'CHANGELOG.md', 'dist/index.js', 'dist/index.d.ts', 'dist/cli.js', 'sql/idempotency_requests.sql']) {
+    t.ok(files.includes(path), `ships ${path}`)
+  }
+  t.same(files.filter((path) => path.endsWith('.map')), [], 'no source maps')
+  t.same(files.filter((path) => !/^(dist\/.*\.(js|d\.ts)|sql\/.*\.sql|package\.json|README\.md|LICENSE|CHANGELOG\.md)$/.test(path)), [], 'nothing else: no sources, tests or benchmarks')
 })
