@@ -3,14 +3,14 @@
 // small and noisy: read the ratios, not the absolute figures.
 import { connections, load, rate, start } from './servers.js'
 
-const seconds = Number(process.env.BENCH_SECONDS ?? 3)
-const runs = Number(process.env.BENCH_RUNS ?? 3)
+const seconds = Number(process.env.BENCH_SECONDS ?? 2)
+const runs = Number(process.env.BENCH_RUNS ?? 11)
 const warmup = Number(process.env.BENCH_WARMUP ?? 2)
-const variants = (process.env.BENCH_VARIANTS ?? 'control,memory,redis,postgres').split(',')
+const variants = (process.env.BENCH_VARIANTS ?? 'control,floor,memory,floor-redis,redis').split(',')
 const scenarios = (process.env.BENCH_SCENARIOS ?? 'fresh,replay,none').split(',')
-// `turns` (the default): one server at a time. `together`: all servers at once, so that every
-// run's window is the same for all of them; each then gets 1 500 req/s unless BENCH_RATE says.
-const mode = process.env.BENCH_MODE ?? 'turns'
+// `together` (the default): all servers at once, so that every round's window is the same for
+// all of them; each gets 1 500 req/s unless BENCH_RATE says. `turns`: one server at a time.
+const mode = process.env.BENCH_MODE ?? 'together'
 if (mode !== 'turns' && mode !== 'together') throw new Error(`BENCH_MODE must be turns or together, not ${mode}`)
 const offered = mode === 'together' && process.env.BENCH_RATE === undefined ? 1500 : rate
 
@@ -62,6 +62,18 @@ async function measure (scenario) {
       }
     }
     const bare = samples.get('bare')
+    for (const [variant, list] of samples) {
+      // A version against another (`before-*`, see server.js) in the same rounds: the median of the
+      // per-round ratios of their CPU per request.
+      const other = samples.get(`before-${variant}`)
+      if (other !== undefined) pairs.push({ scenario, variant, ratios: list.map((entry, run) => entry.cpu / other[run].cpu).sort((a, b) => a - b) })
+      // The plugin against the least an idempotency layer does, in the same rounds: the median of
+      // the per-round differences of their CPU per request, in units of bare Fastify's.
+      const floor = samples.get(floorOf(variant))
+      if (floor !== undefined && !['bare', 'control', 'floor', 'floor-redis'].includes(variant)) {
+        overFloor.push({ scenario, variant, differences: list.map((entry, run) => (entry.cpu - floor[run].cpu) / bare[run].cpu).sort((a, b) => a - b) })
+      }
+    }
     return [...samples].map(([variant, list]) => ({
       scenario,
       variant,
@@ -80,6 +92,9 @@ async function measure (scenario) {
 }
 
 const rows = []
+const pairs = []
+const overFloor = []
+const floorOf = (variant) => variant.replace(/^before-/, '').endsWith('redis') ? 'floor-redis' : variant === 'postgres' ? undefined : 'floor'
 for (const scenario of scenarios) rows.push(...await measure(scenario))
 
 console.log(`\nfastify-idempotency benchmark, ${new Date().toISOString().slice(0, 10)}, Node ${process.version}, ` +
@@ -88,4 +103,18 @@ console.log('| scenario | server | req/s | p99 ms | CPU µs/req | of which store
 console.log('| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
 for (const row of rows) {
   console.log(`| ${row.scenario} | ${row.variant} | ${Math.round(row.rps)} | ${row.p99} | ${row.cpu.toFixed(1)} | ${row.store.toFixed(1)} | ${row.ratio.toFixed(2)} | ${row.ratios[0].toFixed(2)}–${row.ratios.at(-1).toFixed(2)} | ${row.faults.toFixed(3)} | ${row.bad} |`)
+}
+if (overFloor.length > 0) {
+  console.log('\n| scenario | server | (CPU − floor) ÷ bare, same round | lowest–highest round |')
+  console.log('| --- | --- | ---: | ---: |')
+  for (const row of overFloor) {
+    console.log(`| ${row.scenario} | ${row.variant} | ${median(row.differences).toFixed(3)} | ${row.differences[0].toFixed(2)}–${row.differences.at(-1).toFixed(2)} |`)
+  }
+}
+if (pairs.length > 0) {
+  console.log('\n| scenario | server | CPU ÷ before-server, same round | lowest–highest round |')
+  console.log('| --- | --- | ---: | ---: |')
+  for (const pair of pairs) {
+    console.log(`| ${pair.scenario} | ${pair.variant} | ${median(pair.ratios).toFixed(3)} | ${pair.ratios[0].toFixed(2)}–${pair.ratios.at(-1).toFixed(2)} |`)
+  }
 }

@@ -1,17 +1,21 @@
-// One benchmark server in its own process: `node benchmarks/server.js <bare|control|floor|floor-redis|memory|full|discard|redis|postgres>`.
+// One benchmark server in its own process:
+// `node benchmarks/server.js <bare|control|floor|floor-redis|memory|full|redis|postgres|before-memory|before-redis>`.
 // It reports its port over IPC and answers { cpu } with its own CPU time, so the runner measures
 // only this process's work, not autocannon's.
 import Fastify from 'fastify'
 import { Redis } from 'ioredis'
 import pg from 'pg'
-import idempotency, { MemoryStore, PostgresStore, RedisStore } from '../dist/index.js'
 
 const variant = process.argv[2] ?? 'bare'
 const app = Fastify({ logger: false })
+// `before-*`: the plugin built from another version (the dist folder BENCH_BEFORE names), to
+// compare two versions in the same run.
+const before = variant.startsWith('before-')
+const { default: idempotency, MemoryStore, PostgresStore, RedisStore } = await import(before ? `${process.env.BENCH_BEFORE}/index.js` : '../dist/index.js')
 
 // `control` is bare Fastify again, measured as a variant: its ratio to bare is the run's noise.
 if (!['bare', 'control', 'floor', 'floor-redis'].includes(variant)) {
-  await app.register(idempotency, { store: await storeFor(variant), required: false })
+  await app.register(idempotency, { store: await storeFor(before ? variant.slice('before-'.length) : variant), required: false })
 }
 
 async function createOrder (request, reply) {
@@ -34,11 +38,6 @@ async function storeFor (name) {
   // A memory store at its bound, as a long-running instance's is: each new record evicts an old
   // one, and the heap no longer grows.
   if (name === 'full') return new MemoryStore({ maxBytes: 1024 * 1024 })
-  // The plugin's own path with a store that answers at once and keeps nothing: what the memory
-  // store costs beyond it is the cost of keeping records.
-  if (name === 'discard') {
-    return { inProcess: true, insert: () => ({ inserted: true }), lookup: () => undefined, update: () => true, delete: () => true, prune: () => 0 }
-  }
   if (name === 'redis') return new RedisStore({ client: redisClient() })
   if (name === 'postgres') {
     const pool = new pg.Pool({ connectionString: process.env.BENCH_DATABASE_URL, max: 10 })

@@ -83,7 +83,7 @@ function postgresCpu () {
 
 /** Starts `benchmarks/server.js <variant>` (and its private redis-server) in child processes. */
 export async function start (variant, { execArgv = [] } = {}) {
-  const usesRedis = variant === 'redis' || variant === 'floor-redis'
+  const usesRedis = variant.endsWith('redis')
   const redis = usesRedis ? await startRedis() : undefined
   const env = { ...process.env, BENCH_REDIS_PORT: String(redis?.port), BENCH_DATABASE_URL: databaseUrl }
   const storeCpu = usesRedis ? () => redis.cpu() : variant === 'postgres' ? postgresCpu : () => 0
