@@ -206,25 +206,11 @@ export function requestFingerprint (contentType: string | undefined, query: unkn
   const mediaType = contentType === undefined ? '' : (semicolon === -1 ? contentType : contentType.slice(0, semicolon)).trim().toLowerCase()
   const writer = new CanonicalWriter()
   writer.text(`[${quote(mediaType)},`)
-  // Most requests have no query: its text is written at once.
-  if (isEmptyRecord(query)) writer.text('{}')
-  else writer.write(query)
+  writer.write(query)
   writer.text(',')
   writer.write(body)
   writer.text(']')
   return writer.result(textUpTo)
-}
-
-/** Whether a value is a plain object with no member that the canonical form writes: its text is `{}`. */
-export function isEmptyRecord (value: unknown): boolean {
-  if (value === null || typeof value !== 'object') return false
-  const prototype = Object.getPrototypeOf(value)
-  if (prototype !== Object.prototype && prototype !== null) return false
-  for (const name in value) {
-    const member = (value as Record<string, unknown>)[name]
-    if (Object.hasOwn(value, name) && member !== undefined && typeof member !== 'function' && typeof member !== 'symbol') return false
-  }
-  return true
 }
 
 /** The SHA-256 digest (base64url) of a text, or the text itself when it is at most `textUpTo` long. */

@@ -1,4 +1,4 @@
-import { canonicalText, digestText, isEmptyRecord, quote } from './fingerprint.js'
+import { canonicalText, digestText, quote } from './fingerprint.js'
 
 const QUOTE = 0x22
 const BACKSLASH = 0x5c
@@ -76,18 +76,13 @@ export interface RequestIdentity {
  * route, another constraint or another scope is another request.
  */
 export function storageKey (identity: RequestIdentity, inProcess = false): string {
-  return storageKeyFrom(routeKeyStart(identity.method, identity.route, identity.constraints), identity.params, identity.scope, identity.key, inProcess)
-}
-
-/** The start of a storage key's text: the part a route fixes, written once per route and method. */
-export function routeKeyStart (method: string, route: string, constraints: Record<string, unknown> | undefined): string {
-  return canonicalText([method, route, constraints ?? {}]).slice(0, -1)
-}
-
-/** `storageKey` from the start `routeKeyStart` wrote: the text is that of the list of all six parts. */
-export function storageKeyFrom (start: string, params: Record<string, unknown> | undefined, scope: string | undefined, key: string, inProcess: boolean): string {
-  const paramsText = params === undefined || isEmptyRecord(params) ? '{}' : canonicalText(params)
-  // Joined rather than concatenated: one flat string, where a template would be a rope of a node
-  // per part for a store in this process to keep.
-  return digestText([start, paramsText, scope === undefined ? '~' : quote(scope), `${quote(key)}]`].join(','), inProcess ? Infinity : 0)
+  const { params, scope } = identity
+  // The text of the list of the six parts, joined rather than concatenated: one flat string,
+  // where a template would be a rope of a node per part for a store in this process to keep.
+  return digestText([
+    canonicalText([identity.method, identity.route, identity.constraints ?? {}]).slice(0, -1),
+    canonicalText(params ?? {}),
+    scope === undefined ? '~' : quote(scope),
+    `${quote(identity.key)}]`
+  ].join(','), inProcess ? Infinity : 0)
 }

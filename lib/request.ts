@@ -10,7 +10,7 @@ import {
   isIdempotencyError
 } from './errors.js'
 import { digest, requestFingerprint } from './fingerprint.js'
-import { storageKeyFrom } from './key.js'
+import { storageKey } from './key.js'
 import { captureStream, exceeds, httpDate, readPayload, replay, storedHeaders } from './response.js'
 import type { FingerprintFunction } from './options.js'
 import type { RouteSettings } from './route.js'
@@ -198,8 +198,14 @@ export class TrackedRequest {
     return step(() => route.scope?.(request), (scope) => {
       if (route.scope !== undefined && typeof scope !== 'string') throw new TypeError('the idempotency scope function must return a string')
       const inProcess = this.context.inProcess
-      this.key = storageKeyFrom(route.keyStarts[request.method] as string, request.params as Record<string, unknown> | undefined,
-        scope as string | undefined, this.clientKey, inProcess)
+      this.key = storageKey({
+        method: request.method,
+        route: route.url,
+        constraints: route.constraints,
+        params: request.params as Record<string, unknown> | undefined,
+        scope: scope as string | undefined,
+        key: this.clientKey
+      }, inProcess)
       const textUpTo = inProcess ? FINGERPRINT_TEXT : 0
       if (route.fingerprint === undefined) return this.#ask(request, defaultFingerprint(request, textUpTo))
       return step(() => (route.fingerprint as FingerprintFunction)(request), (value) => this.#ask(request, digest(value, textUpTo)))

@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, RouteOptions } from 'fastify'
 import { InvalidOptionError, KeyInvalidError, KeyMissingError, KeyMultipleError } from './errors.js'
-import { countHeaderLines, parseKey, routeKeyStart } from './key.js'
+import { countHeaderLines, parseKey } from './key.js'
 import { validateRouteOptions, type FingerprintFunction, type IdempotencyRouteOptions, type PluginSettings, type ScopeFunction } from './options.js'
 import { answeredAsProblem, kTracked, TrackedRequest, type PluginContext } from './request.js'
 import type { TrackOptions } from './tracker.js'
@@ -11,8 +11,6 @@ export interface RouteSettings {
   url: string
   /** The route's constraints as declared (host, version, custom strategies). */
   constraints: Record<string, unknown>
-  /** By tracked method, the start of the storage key's text, which the route fixes. */
-  keyStarts: Record<string, string>
   required: boolean
   scope: ScopeFunction | undefined
   fingerprint: FingerprintFunction | undefined
@@ -54,7 +52,6 @@ export function routeSettings (settings: PluginSettings, route: RouteOptions): {
     route: {
       url: route.url,
       constraints,
-      keyStarts: Object.fromEntries(methods.map((method) => [method, routeKeyStart(method, route.url, constraints)])),
       required: overrides.required ?? settings.required,
       scope: overrides.scope ?? settings.scope,
       fingerprint: overrides.fingerprint ?? settings.fingerprint,
