@@ -34,26 +34,26 @@ export function digest (value: unknown, textUpTo = 0): string {
 }
 
 /**
- * The canonical text of `value`, as `digest` hashes it, for the parts of a storage key a route
- * fixes. Bytes, which key parts do not hold, are written as base64 here.
+ * The digest of a list of parts, as `digest` gives it for the array of them, except that each
+ * part is written on its own: an object that two parts share (the same empty object for two
+ * absent parts) is written out in both.
  */
-export function canonicalText (value: unknown): string {
-  const writer = new CanonicalWriter(false)
-  writer.write(value)
-  return writer.result(Infinity)
+export function digestParts (parts: readonly unknown[], textUpTo = 0): string {
+  const writer = new CanonicalWriter()
+  for (let index = 0; index < parts.length; index++) {
+    writer.text(index === 0 ? '[' : ',')
+    writer.write(parts[index])
+  }
+  writer.text(']')
+  return writer.result(textUpTo)
 }
 
 class CanonicalWriter {
   // The text not yet hashed.
   #text = ''
-  readonly #hashing: boolean
   #hash: Hash | undefined
   #seen = new Map<object, number>()
   #frames: Frame[] = []
-
-  constructor (hashing = true) {
-    this.#hashing = hashing
-  }
 
   text (text: string): void {
     this.#append(text)
@@ -104,7 +104,7 @@ class CanonicalWriter {
 
   #append (text: string): void {
     this.#text += text
-    if (this.#text.length >= FLUSH_AT && this.#hashing) this.#flush()
+    if (this.#text.length >= FLUSH_AT) this.#flush()
   }
 
   #flush (): Hash {
@@ -116,8 +116,7 @@ class CanonicalWriter {
 
   #bytes (tag: string, bytes: Uint8Array): void {
     this.#append(`${tag}${bytes.byteLength}:`)
-    if (this.#hashing) this.#flush().update(bytes)
-    else this.#append(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('base64'))
+    this.#flush().update(bytes)
   }
 
   // Writes a primitive at once; an array, a Map, a Set or an object opens a frame.
@@ -189,7 +188,7 @@ class CanonicalWriter {
 // A string as JSON writes it: as it is between quotes, unless it holds a character JSON escapes.
 // JSON writes lone surrogates as \u escapes, so the text stays well-formed and its UTF-8 bytes
 // tell every string apart.
-export function quote (value: string): string {
+function quote (value: string): string {
   for (let index = 0; index < value.length; index++) {
     const code = value.charCodeAt(index)
     if (code < 0x20 || code === 0x22 || code === 0x5c || (code >= 0xd800 && code <= 0xdfff)) return JSON.stringify(value)
@@ -204,16 +203,5 @@ export function quote (value: string): string {
 export function requestFingerprint (contentType: string | undefined, query: unknown, body: unknown, textUpTo = 0): string {
   const semicolon = contentType === undefined ? -1 : contentType.indexOf(';')
   const mediaType = contentType === undefined ? '' : (semicolon === -1 ? contentType : contentType.slice(0, semicolon)).trim().toLowerCase()
-  const writer = new CanonicalWriter()
-  writer.text(`[${quote(mediaType)},`)
-  writer.write(query)
-  writer.text(',')
-  writer.write(body)
-  writer.text(']')
-  return writer.result(textUpTo)
-}
-
-/** The SHA-256 digest (base64url) of a text, or the text itself when it is at most `textUpTo` long. */
-export function digestText (text: string, textUpTo = 0): string {
-  return text.length <= textUpTo ? text : hash('sha256', text, 'base64url')
+  return digestParts([mediaType, query, body], textUpTo)
 }

@@ -1,4 +1,4 @@
-import { canonicalText, digestText, quote } from './fingerprint.js'
+import { digestParts } from './fingerprint.js'
 
 const QUOTE = 0x22
 const BACKSLASH = 0x5c
@@ -76,13 +76,6 @@ export interface RequestIdentity {
  * route, another constraint or another scope is another request.
  */
 export function storageKey (identity: RequestIdentity, inProcess = false): string {
-  const { params, scope } = identity
-  // The text of the list of the six parts, joined rather than concatenated: one flat string,
-  // where a template would be a rope of a node per part for a store in this process to keep.
-  return digestText([
-    canonicalText([identity.method, identity.route, identity.constraints ?? {}]).slice(0, -1),
-    canonicalText(params ?? {}),
-    scope === undefined ? '~' : quote(scope),
-    `${quote(identity.key)}]`
-  ].join(','), inProcess ? Infinity : 0)
+  const parts = [identity.method, identity.route, identity.constraints ?? {}, identity.params ?? {}, identity.scope, identity.key]
+  return digestParts(parts, inProcess ? Infinity : 0)
 }

@@ -109,46 +109,33 @@ t.test('stores a streamed response as it is sent and replays it', async (t) => {
   await app.close()
 })
 
-t.test('halts the record when the response stream fails', async (t) => {
-  const app = await buildApp()
-  let runs = 0
-  app.post('/report', { config: { idempotency: true } }, async (request, reply) => {
-    runs++
-    return reply.type('text/plain').send(new Readable({
-      read () {
-        this.push('partial')
-        this.destroy(new Error('disk gone'))
-      }
-    }))
+for (const releaseOnError of [false, true]) {
+  t.test(`${releaseOnError ? 'with releaseOnError releases' : 'halts'} the record when the response stream fails by itself`, async (t) => {
+    const app = await buildApp({ releaseOnError })
+    let runs = 0
+    app.post('/report', { config: { idempotency: true } }, async (request, reply) => {
+      runs++
+      return reply.type('text/plain').send(new Readable({
+        read () {
+          this.push('partial')
+          this.destroy(new Error('disk gone'))
+        }
+      }))
+    })
+    await app.inject({ method: 'POST', url: '/report', headers: key('k'), payload: {} }).catch(() => undefined)
+    // the stream's failure is settled asynchronously after the client saw the broken response
+    await new Promise((resolve) => setTimeout(resolve, 20))
+    const retry = await app.inject({ method: 'POST', url: '/report', headers: key('k'), payload: {} }).catch(() => undefined)
+    if (releaseOnError) {
+      t.equal(runs, 2, 'the retry ran the handler: the record was released')
+    } else {
+      t.equal(retry?.statusCode, 500)
+      t.same(retry?.json(), halted)
+      t.equal(runs, 1)
+    }
+    await app.close()
   })
-  await app.inject({ method: 'POST', url: '/report', headers: key('k'), payload: {} }).catch(() => undefined)
-  // the stream's failure is settled asynchronously after the client saw the broken response
-  await new Promise((resolve) => setTimeout(resolve, 20))
-  const retry = await app.inject({ method: 'POST', url: '/report', headers: key('k'), payload: {} })
-  t.equal(retry.statusCode, 500)
-  t.same(retry.json(), halted)
-  t.equal(runs, 1)
-  await app.close()
-})
-
-t.test('with releaseOnError a response stream that fails by itself releases the record, so a retry runs again', async (t) => {
-  const app = await buildApp({ releaseOnError: true })
-  let runs = 0
-  app.post('/report', { config: { idempotency: true } }, async (request, reply) => {
-    runs++
-    return reply.type('text/plain').send(new Readable({
-      read () {
-        this.push('partial')
-        this.destroy(new Error('disk gone'))
-      }
-    }))
-  })
-  await app.inject({ method: 'POST', url: '/report', headers: key('k'), payload: {} }).catch(() => undefined)
-  await new Promise((resolve) => setTimeout(resolve, 20))
-  await app.inject({ method: 'POST', url: '/report', headers: key('k'), payload: {} }).catch(() => undefined)
-  t.equal(runs, 2, 'the retry ran the handler: the record was released')
-  await app.close()
-})
+}
 
 t.test('does not store a body larger than maxResponseSize: the record is halted with a warning', async (t) => {
   const logs = logCollector()

@@ -31,6 +31,7 @@ export interface MemoryStoreOptions {
   logger?: WarningLogger
 }
 
+/** A running or halted record; or a completed one too large for the cache. */
 interface Entry {
   state: RecordState
   fingerprint: string
@@ -64,7 +65,8 @@ export class MemoryStore implements IdempotencyStore {
   #now: () => number
   #logger: WarningLogger | undefined
   #entries = new Map<string, Entry>()
-  #completed: LRUCache<string, Entry>
+  // Completed records, kept as lookups answer them.
+  #completed: LRUCache<string, IdempotencyRecord>
   #evictedSinceWarning = 0
   #lastWarningAt = -Infinity
 
@@ -74,12 +76,12 @@ export class MemoryStore implements IdempotencyStore {
     const now = settings.now ?? Date.now
     this.#now = now
     this.#logger = settings.logger
-    this.#completed = new LRUCache<string, Entry>({
+    this.#completed = new LRUCache<string, IdempotencyRecord>({
       maxSize: settings.maxBytes,
-      sizeCalculation: (entry, key) => size(key, entry),
+      sizeCalculation: (record, key) => size(key, record),
       // Expiry is judged here, by the store's clock, to the millisecond: the cache keeps no times.
-      dispose: (entry, _key, reason) => {
-        if (reason === 'evict' && entry.expiresAt > now()) this.#evictedSinceWarning++
+      dispose: (record, _key, reason) => {
+        if (reason === 'evict' && record.expiresAt > now()) this.#evictedSinceWarning++
       }
     })
   }
@@ -91,8 +93,10 @@ export class MemoryStore implements IdempotencyStore {
 
   insert (key: string, record: NewRecord): InsertResult {
     const now = this.#now()
-    const existing = this.#find(key, now)
-    if (existing !== undefined) {
+    const completed = this.#completed.get(key)
+    if (completed !== undefined && completed.expiresAt > now) return { inserted: false, record: completed }
+    const existing = this.#entries.get(key)
+    if (existing !== undefined && existing.expiresAt > now) {
       const takeOver = record.takeOverExpiredLease && existing.fingerprint === record.fingerprint && leaseLapsed(existing, now)
       if (!takeOver) return { inserted: false, record: toRecord(existing, now) }
     }
@@ -109,8 +113,10 @@ export class MemoryStore implements IdempotencyStore {
 
   lookup (key: string): IdempotencyRecord | undefined {
     const now = this.#now()
-    const entry = this.#find(key, now)
-    return entry === undefined ? undefined : toRecord(entry, now)
+    const completed = this.#completed.get(key)
+    if (completed !== undefined && completed.expiresAt > now) return completed
+    const entry = this.#entries.get(key)
+    return entry === undefined || entry.expiresAt <= now ? undefined : toRecord(entry, now)
   }
 
   update (key: string, owner: string, update: RecordUpdate): boolean {
@@ -129,14 +135,16 @@ export class MemoryStore implements IdempotencyStore {
       entry.leaseExpiresAt = 0
       return true
     }
-    const response = update.response
-    const body = ownBytes(response.body)
-    entry.response = body === response.body ? response : { ...response, body }
-    entry.leaseExpiresAt = 0
-    if (update.expiresAt > now && size(key, entry) <= this.maxBytes) {
+    const body = ownBytes(update.response.body)
+    const response = body === update.response.body ? update.response : { ...update.response, body }
+    const completed: IdempotencyRecord = { state: 'completed', fingerprint: entry.fingerprint, expiresAt: update.expiresAt, leaseExpired: false, response }
+    if (update.expiresAt > now && size(key, completed) <= this.maxBytes) {
       this.#entries.delete(key)
-      this.#completed.set(key, entry)
+      this.#completed.set(key, completed)
       this.#warnOfEvictions(now)
+    } else {
+      entry.leaseExpiresAt = 0
+      entry.response = response
     }
     return true
   }
@@ -161,12 +169,6 @@ export class MemoryStore implements IdempotencyStore {
     })
     for (const key of expired) this.#completed.delete(key)
     return removed + expired.length
-  }
-
-  // The live record under `key`; an expired one stays until prune removes it, or a new one replaces it.
-  #find (key: string, now: number): Entry | undefined {
-    const entry = this.#entries.get(key) ?? this.#completed.get(key)
-    return entry !== undefined && entry.expiresAt > now ? entry : undefined
   }
 
   #owned (key: string, owner: string, now: number): Entry | undefined {
@@ -199,9 +201,9 @@ function toRecord (entry: Entry, now: number): IdempotencyRecord {
   }
 }
 
-function size (key: string, entry: Entry): number {
-  const response = entry.response as StoredResponse
-  let bytes = ENTRY_OVERHEAD + key.length + entry.fingerprint.length + Buffer.byteLength(response.body)
+function size (key: string, record: IdempotencyRecord): number {
+  const response = record.response as StoredResponse
+  let bytes = ENTRY_OVERHEAD + key.length + record.fingerprint.length + Buffer.byteLength(response.body)
   for (const name in response.headers) bytes += name.length + String(response.headers[name]).length
   return bytes
 }
