@@ -17,9 +17,9 @@ interface Frame {
 /**
  * The SHA-256 digest (base64url) of `value` in a canonical form, or that form itself when it is
  * at most `textUpTo` characters long (for a store in this process; no digest starts with `[`,
- * `{` or `"`, so the two never meet): object keys sorted, and every
- * kind of value written with a mark of its own, so that two values share a digest only when they
- * are equal. Plain JSON values are written as canonical JSON (strings, lone surrogates included, as
+ * `{` or `"`, so the two never meet). In the canonical form object keys are sorted, and every
+ * kind of value is written with a mark of its own, so that two values share a digest only when
+ * they are equal. Plain JSON values are written as canonical JSON (strings, lone surrogates included, as
  * JSON writes them); beyond JSON, `Map` and `Set` count by their entries, `BigInt` as such, and
  * buffers, typed arrays and `ArrayBuffer` by their bytes; an object with `toJSON` (a `Date`) counts
  * as what it returns. An object seen before on the way (a cycle, or a shared reference) is written
