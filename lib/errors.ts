@@ -133,3 +133,9 @@ export const InvalidOptionError = createError<'FST_IDEMPOTENCY_INVALID_OPTION', 
   undefined,
   TypeError
 )
+
+/** Thrown by `find`, `forget` or `list` when the store has no such operation (a custom store). */
+export const StoreOperationMissingError = createError<'FST_IDEMPOTENCY_STORE_OPERATION_MISSING', [operation: string]>(
+  'FST_IDEMPOTENCY_STORE_OPERATION_MISSING',
+  'The idempotency store has no %s method'
+)

@@ -3,7 +3,10 @@ import { idempotency } from './plugin.js'
 export { idempotency }
 export default idempotency
 export { RequestTracker } from './tracker.js'
-export type { RequestTrackerOptions, TrackOptions, TrackResult, TrackerLogger } from './tracker.js'
+export type { FoundRecord, RequestTrackerOptions, TrackOptions, TrackResult, TrackerLogger } from './tracker.js'
+export type { RequestIdentity } from './key.js'
+export { requestChannel, settleChannel, storeChannel } from './diagnostics.js'
+export type { RequestMessage, RequestOutcome, SettleMessage, SettleOutcome, StoreContext, StoreOperation } from './diagnostics.js'
 export { MemoryStore } from './stores/memory.js'
 export type { MemoryStoreOptions, WarningLogger } from './stores/memory.js'
 export { RedisStore } from './stores/redis.js'
@@ -15,6 +18,9 @@ export type {
   IdempotencyRecord,
   IdempotencyStore,
   InsertResult,
+  ListedRecord,
+  ListPage,
+  ListQuery,
   NewRecord,
   RecordState,
   RecordUpdate,
@@ -32,6 +38,7 @@ export {
   KeyMissingError,
   KeyMultipleError,
   MismatchError,
+  StoreOperationMissingError,
   StoreUnavailableError
 } from './errors.js'
 export type { IdempotencyError, IdempotencyErrorConstructor, IdempotencyProblem } from './errors.js'

@@ -9,9 +9,10 @@ import {
   StoreUnavailableError,
   isIdempotencyError
 } from './errors.js'
+import { requestChannel, settleChannel, type RequestOutcome, type SettleOutcome } from './diagnostics.js'
 import { digest, requestFingerprint } from './fingerprint.js'
-import { storageKey } from './key.js'
-import { captureStream, exceeds, httpDate, readPayload, replay, storedHeaders } from './response.js'
+import type { RequestIdentity } from './key.js'
+import { captureStream, exceeds, httpDate, readPayload, replay, storedHeaders, type Payload } from './response.js'
 import type { FingerprintFunction } from './options.js'
 import type { RouteSettings } from './route.js'
 import type { StoredResponse } from './stores/store.js'
@@ -29,6 +30,17 @@ export interface PluginContext {
 
 // An in-process store keeps a fingerprint of up to this many characters as its text.
 const FINGERPRINT_TEXT = 256
+
+const OUTCOME_MESSAGES: Record<RequestOutcome, string> = {
+  executed: 'idempotency: the request runs',
+  takeover: 'idempotency: the request runs, taking over a record whose owner\'s lease lapsed',
+  replayed: 'idempotency: replayed the stored response',
+  conflict: 'idempotency: refused, the first request with this key is still running',
+  mismatch: 'idempotency: refused, the key was used with another payload',
+  halted: 'idempotency: refused, the first request with this key halted and its outcome is unknown',
+  unavailable: 'idempotency: refused, the store is unavailable',
+  refused: 'idempotency: refused, the request body cannot be fingerprinted'
+}
 
 /**
  * Where a tracked request stands:
@@ -66,6 +78,10 @@ export class TrackedRequest {
   #sentHeaders: Headers | undefined
   #replayed: StoredResponse | undefined
   #settleStarted = false
+  #record: string | undefined
+  #closed = false
+  #capture: Readable | undefined
+  #captureDropped = false
 
   constructor (context: PluginContext, route: RouteSettings, clientKey: string) {
     this.context = context
@@ -80,7 +96,7 @@ export class TrackedRequest {
   run (instance: FastifyInstance, handler: RouteHandlerMethod, request: FastifyRequest, reply: FastifyReply): unknown {
     this.state = 'tracking'
     return step(() => this.#track(request), (result) => this.#tracked(instance, handler, request, reply, result),
-      (error) => this.#refuse(request, reply, error as Error))
+      (error) => this.#refuse(request, reply, error as Error, error instanceof StoreUnavailableError ? 'unavailable' : error instanceof BodyUnseenError ? 'refused' : undefined))
   }
 
   #tracked (instance: FastifyInstance, handler: RouteHandlerMethod, request: FastifyRequest, reply: FastifyReply, result: TrackResult): unknown {
@@ -88,6 +104,7 @@ export class TrackedRequest {
       case 'created':
         this.owner = result.owner
         this.state = 'owned'
+        this.#outcome(request, result.tookOver ? 'takeover' : 'executed')
         if (this.answeredEarly || reply.sent || reply.raw.headersSent) {
           return step(() => this.settle(request, { action: 'release' }, 'the request was answered before its handler ran'), () => reply)
         }
@@ -95,29 +112,34 @@ export class TrackedRequest {
       case 'completed':
         this.state = 'replaying'
         this.#replayed = result.response
+        this.#outcome(request, 'replayed')
         replay(reply, result.response)
         return reply
       case 'processing':
-        return this.#refuse(request, reply, new ConflictError())
+        return this.#refuse(request, reply, new ConflictError(), 'conflict')
       case 'mismatch':
-        return this.#refuse(request, reply, new MismatchError())
+        return this.#refuse(request, reply, new MismatchError(), 'mismatch')
       case 'halted':
-        return this.#refuse(request, reply, new HaltedError())
+        return this.#refuse(request, reply, new HaltedError(), 'halted')
     }
   }
 
-  /** Called at every `reply.send()` of an owned request: what the handler set is known then. */
-  noteSend (reply: FastifyReply): void {
-    this.#sentHeaders = reply.getHeaders()
-  }
-
-  /** The route's onError: a handler timeout while the store is asked, or the owner's error. */
+  /**
+   * The route's onError: a handler timeout while the store is asked, the owner's error, or an
+   * onSend hook after the plugin's failing while a streamed response was being captured.
+   */
   noteError (reply: FastifyReply, error: Error): void {
     if (this.state === 'tracking') this.answeredEarly = true
+    if (this.state === 'settling' && this.#capture !== undefined) {
+      // The error response replaces the stream, which is then never read.
+      this.#captureDropped = true
+      this.#capture.destroy()
+      return
+    }
     if (this.state !== 'owned') return
     this.error = error
     // Fastify's fallback, when the error response fails too, sends without onSend.
-    this.#settleAtEnd(reply, 'the response was not seen by onSend and is not stored')
+    this.#haltUnsent(reply)
   }
 
   /** The plugin's onSend: stores an owned request's response, and fixes a replay's content type. */
@@ -132,18 +154,21 @@ export class TrackedRequest {
       return
     }
     this.state = 'settling'
-    if (reply.statusCode >= 500) {
-      // An error answered while the handler still runs (Fastify's handlerTimeout) must not free the
-      // key for a second, concurrent run.
-      const release = this.route.track.releaseOnError && (this.handlerDone || this.error === undefined)
-      step(() => this.settle(request, { action: release ? 'release' : 'halt' }, 'the handler failed'), () => { done(null, payload) })
-      return
-    }
-    let read
+    let read: Payload
     try {
       read = readPayload(reply, payload)
     } catch (error) {
       step(() => this.settle(request, { action: 'halt' }, 'the response could not be read'), () => { done(error as Error) })
+      return
+    }
+    // After readPayload, which applies a web Response's status.
+    if (reply.statusCode >= 500) {
+      // An error answered while the handler still runs (Fastify's handlerTimeout) must not free the
+      // key for a second, concurrent run.
+      const release = this.route.track.releaseOnError && (this.handlerDone || this.error === undefined)
+      // A web Response's body is opened by now: its stream goes on in its place.
+      const body = read.kind === 'stream' ? read.stream : payload
+      step(() => this.settle(request, { action: release ? 'release' : 'halt' }, 'the handler failed'), () => { done(null, body) })
       return
     }
     const expiresAt = Date.now() + this.route.track.cacheTtl
@@ -180,12 +205,15 @@ export class TrackedRequest {
         ? tracker.halt(this.key, this.owner, Date.now() + this.route.track.cacheTtl)
         : tracker.release(this.key, this.owner), (done) => {
       this.state = 'settled'
-      if (!done) request.log.warn('idempotency record was taken over before it was settled; it is left as it is')
-      else if (settlement.action !== 'complete') request.log.warn({ err: this.error, ...details }, `idempotency record ${settlement.action === 'halt' ? 'halted' : 'released'}: ${reason}`)
+      const outcome = !done ? 'lost' : settlement.action === 'complete' ? 'completed' : settlement.action === 'halt' ? 'halted' : 'released'
+      this.#settled(request, outcome, reason, undefined)
+      if (!done) request.log.warn(this.#logFields('lost'), 'idempotency record was taken over before it was settled; it is left as it is')
+      else if (settlement.action !== 'complete') request.log.warn({ ...this.#logFields(outcome), err: this.error, ...details }, `idempotency record ${outcome}: ${reason}`)
     }, (error) => {
       this.state = 'settled'
-      tracker.forget(this.key, this.owner)
-      request.log.error({ err: error }, settlement.action === 'complete'
+      tracker.abandon(this.key, this.owner)
+      this.#settled(request, 'not-stored', reason, error)
+      request.log.error({ ...this.#logFields('not-stored'), err: error, operation: settlement.action === 'release' ? 'delete' : 'update' }, settlement.action === 'complete'
         ? 'idempotency store failed while saving the response; retries will see the request as halted'
         : `idempotency store failed while settling a request (${reason})`)
     })
@@ -197,36 +225,68 @@ export class TrackedRequest {
     const route = this.route
     return step(() => route.scope?.(request), (scope) => {
       if (route.scope !== undefined && typeof scope !== 'string') throw new TypeError('the idempotency scope function must return a string')
-      const inProcess = this.context.inProcess
-      this.key = storageKey({
+      const identity: RequestIdentity = {
         method: request.method,
         route: route.url,
         constraints: route.constraints,
         params: request.params as Record<string, unknown> | undefined,
         scope: scope as string | undefined,
         key: this.clientKey
-      }, inProcess)
-      const textUpTo = inProcess ? FINGERPRINT_TEXT : 0
-      if (route.fingerprint === undefined) return this.#ask(request, defaultFingerprint(request, textUpTo))
-      return step(() => (route.fingerprint as FingerprintFunction)(request), (value) => this.#ask(request, digest(value, textUpTo)))
+      }
+      this.key = this.context.tracker.keyOf(identity)
+      const textUpTo = this.context.inProcess ? FINGERPRINT_TEXT : 0
+      if (route.fingerprint === undefined) return this.#ask(request, defaultFingerprint(request, textUpTo), identity)
+      return step(() => (route.fingerprint as FingerprintFunction)(request), (value) => this.#ask(request, digest(value, textUpTo), identity))
     })
   }
 
-  #ask (request: FastifyRequest, fingerprint: string): Awaitable<TrackResult> {
-    return step(() => this.context.tracker.track(this.key, fingerprint, this.route.track), (result) => result, (error) => {
-      request.log.error({ err: error }, 'idempotency store failed while tracking the request')
+  #ask (request: FastifyRequest, fingerprint: string, identity: RequestIdentity): Awaitable<TrackResult> {
+    return step(() => this.context.tracker.track(this.key, fingerprint, this.route.track, identity), (result) => result, (error) => {
+      request.log.error({ ...this.#logFields('unavailable'), err: error, operation: 'insert' }, 'idempotency store failed while tracking the request')
       throw new StoreUnavailableError()
     })
   }
 
-  // The handler's own promise goes back to Fastify untouched; a handler that returns nothing (a
-  // synchronous one that sends later) is waited for through the reply, which resolves once the
-  // response ends.
+  /** The record's name in logs and diagnostics: the storage key's digest, never the client's key. */
+  get record (): string {
+    this.#record ??= this.context.tracker.recordOf(this.key)
+    return this.#record
+  }
+
+  // Pino reads a getter only when it writes the line: a logger that is off never hashes the key.
+  #logFields (outcome: RequestOutcome | SettleOutcome): object {
+    const tracked = this
+    return { idempotency: { outcome, route: this.route.url, get record () { return tracked.record } } }
+  }
+
+  #outcome (request: FastifyRequest, outcome: RequestOutcome, error?: Error): void {
+    if (requestChannel.hasSubscribers) {
+      requestChannel.publish({ request, outcome, route: this.route.url, method: request.method, record: this.key === '' ? undefined : this.record, error })
+    }
+    // A replay is the retry support looks for when a client says it saw an operation twice;
+    // a conflict is a client retrying early. Both are routine: info. The rest say a client or a
+    // request went wrong: warn.
+    const level = outcome === 'replayed' || outcome === 'conflict' ? 'info' : outcome === 'executed' || outcome === 'takeover' ? 'debug' : 'warn'
+    request.log[level](this.#logFields(outcome), OUTCOME_MESSAGES[outcome])
+  }
+
+  #settled (request: FastifyRequest, outcome: SettleOutcome, reason: string, error: unknown): void {
+    if (!settleChannel.hasSubscribers) return
+    settleChannel.publish({ request, outcome, reason, route: this.route.url, method: request.method, record: this.record, error })
+  }
+
+  // A handler is done when its promise settles, or when it sends (one that returns nothing or the
+  // reply sends later). Until then an error response (Fastify's handlerTimeout) means it still runs.
   #runHandler (instance: FastifyInstance, handler: RouteHandlerMethod, request: FastifyRequest, reply: FastifyReply): unknown {
     this.#headersBefore = reply.getHeaders()
     // An own property of this reply only: Fastify calls reply.send for every payload, the
     // handler's, an async handler's result and an error handler's.
     reply.send = sendNoting as FastifyReply['send']
+    this.#closed = reply.raw.destroyed
+    reply.raw.once('close', () => {
+      this.#closed = true
+      this.#haltUnsent(reply)
+    })
     let result: unknown
     try {
       result = handler.call(instance, request, reply)
@@ -234,26 +294,39 @@ export class TrackedRequest {
       this.handlerDone = true
       throw error
     }
-    const ended = (): void => { this.#handlerEnded(reply) }
-    // A reply is thenable too (it resolves when the response ends): returned, it means the handler is done.
-    if (result !== reply && typeof (result as PromiseLike<unknown> | undefined)?.then === 'function') (result as PromiseLike<unknown>).then(ended, ended)
-    else ended()
-    return result === undefined ? reply : result
+    if (result === undefined || result === reply) return reply
+    if (typeof (result as PromiseLike<unknown> | null)?.then !== 'function') {
+      // Fastify sends it at once.
+      this.handlerDone = true
+      return result
+    }
+    // A thenable that is not a promise (a query builder) may run its work at every then: it is
+    // resolved once, and Fastify gets the promise.
+    const promise = result instanceof Promise ? result : Promise.resolve(result)
+    const ended = (): void => {
+      this.handlerDone = true
+      // Fastify sends what the handler resolved with after this: look once it has.
+      setImmediate(() => { this.#haltUnsent(reply) })
+    }
+    promise.then(ended, ended)
+    return promise
   }
 
-  // A hijacked reply never reaches onSend: once its response ends, the record is halted (the
-  // handler did its work, but what it sent is not known).
-  #handlerEnded (reply: FastifyReply): void {
-    this.handlerDone = true
-    if (this.state === 'owned' && reply.sent) this.#settleAtEnd(reply, 'the reply was hijacked and is not stored')
+  /** Called at every `reply.send()` of an owned request: what the handler set is known then. */
+  noteSend (reply: FastifyReply, payload: unknown): void {
+    this.#sentHeaders = reply.getHeaders()
+    // An error's response comes from Fastify's error handler, not from a handler that finished.
+    if (!(payload instanceof Error) && this.error === undefined) this.handlerDone = true
   }
 
-  // Halts the record once the response ends, unless something settled it first.
-  #settleAtEnd (reply: FastifyReply, reason: string): void {
-    const request = reply.request
-    const atEnd = (): void => { void this.settle(request, { action: 'halt' }, reason) }
-    if (reply.raw.writableEnded || reply.raw.destroyed) atEnd()
-    else reply.raw.once('close', atEnd)
+  // A record no onSend took once the connection closed and the handler is done (a hijacked reply,
+  // a client gone before an async handler sent, an error response that failed too) is halted: the
+  // handler did its work, and what it sent is not known.
+  #haltUnsent (reply: FastifyReply): void {
+    if (this.state !== 'owned' || !this.#closed || !(this.handlerDone || reply.sent || this.error !== undefined)) return
+    void this.settle(reply.request, { action: 'halt' }, reply.sent
+      ? 'the reply was hijacked and is not stored'
+      : 'the response was not seen by onSend and is not stored')
   }
 
   #complete (request: FastifyRequest, reply: FastifyReply, body: Buffer | string, headers: StoredResponse['headers'], expiresAt: number): Awaitable<void> {
@@ -269,22 +342,25 @@ export class TrackedRequest {
   // The stream is stored as it is sent: the client's bytes pass through, a copy is kept up to
   // maxResponseSize, and the record is settled before the client sees the end of the body.
   #captureStream (request: FastifyRequest, reply: FastifyReply, source: Readable, headers: StoredResponse['headers'], expiresAt: number): unknown {
-    return captureStream(source, this.route.maxResponseSize, (body, size) => body === undefined
+    this.#capture = captureStream(source, this.route.maxResponseSize, (body, size) => body === undefined
       ? this.#haltOversized(request, size)
       : this.settle(request, { action: 'complete', response: { statusCode: reply.statusCode, headers, body }, expiresAt }, 'the handler completed'),
     (error) => {
       this.error = error
       // A client that went away cuts the stream short: the handler did its work, so the record is
       // halted, never released for a second run. A stream that failed by itself is a failure.
-      const cut = error.code === 'ERR_STREAM_PREMATURE_CLOSE'
-      void this.settle(request, { action: cut || !this.route.track.releaseOnError ? 'halt' : 'release' },
-        cut ? 'the client went away during a streamed response' : 'the response stream failed')
+      const cut = this.#captureDropped || error.code === 'ERR_STREAM_PREMATURE_CLOSE'
+      void this.settle(request, { action: cut || !this.route.track.releaseOnError ? 'halt' : 'release' }, this.#captureDropped
+        ? 'an onSend hook after the plugin failed, so the streamed response was not sent'
+        : cut ? 'the client went away during a streamed response' : 'the response stream failed')
     })
+    return this.#capture
   }
 
   // A refusal is thrown to Fastify's error handler, unless it is answered as problem+json here.
-  #refuse (request: FastifyRequest, reply: FastifyReply, error: Error): FastifyReply {
+  #refuse (request: FastifyRequest, reply: FastifyReply, error: Error, outcome: RequestOutcome | undefined): FastifyReply {
     this.state = 'refused'
+    if (outcome !== undefined) this.#outcome(request, outcome, error)
     if (!answeredAsProblem(this.context, request, reply, error)) throw error
     return reply
   }
@@ -292,7 +368,7 @@ export class TrackedRequest {
 
 function sendNoting (this: FastifyReply, payload?: unknown): FastifyReply {
   const tracked = (this.request as FastifyRequest & { [kTracked]: TrackedRequest | null })[kTracked]
-  if (tracked?.state === 'owned' && !this.sent) tracked.noteSend(this)
+  if (tracked?.state === 'owned' && !this.sent) tracked.noteSend(this, payload)
   return (Object.getPrototypeOf(this) as FastifyReply).send.call(this, payload)
 }
 

@@ -1,4 +1,5 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction, RouteOptions } from 'fastify'
+import { requestChannel } from './diagnostics.js'
 import { InvalidOptionError, KeyInvalidError, KeyMissingError, KeyMultipleError } from './errors.js'
 import { countHeaderLines, parseKey } from './key.js'
 import { validateRouteOptions, type FingerprintFunction, type IdempotencyRouteOptions, type PluginSettings, type ScopeFunction } from './options.js'
@@ -85,8 +86,14 @@ export function trackRoute (route: RouteOptions, settings: RouteSettings, onlyMe
       return
     }
     const error = checkKey(request, settings, context)
-    if (error === undefined) next()
-    else if (!answeredAsProblem(context, request, reply, error)) next(error)
+    if (error === undefined) {
+      next()
+      return
+    }
+    if (requestChannel.hasSubscribers) {
+      requestChannel.publish({ request, outcome: 'refused', route: settings.url, method: request.method, record: undefined, error })
+    }
+    if (!answeredAsProblem(context, request, reply, error)) next(error)
   })
   route.onError = append(route.onError, function noteIdempotencyError (request: FastifyRequest, reply: FastifyReply, error: Error, next: () => void) {
     ;(request as TrackableRequest)[kTracked]?.noteError(reply, error)

@@ -1,11 +1,14 @@
-import { randomUUID } from 'node:crypto'
+import { hash, randomUUID } from 'node:crypto'
 import { step, type Awaitable } from './awaitable.js'
-import type { IdempotencyStore, InsertResult, RecordUpdate, StoredResponse } from './stores/store.js'
+import { storeChannel, type StoreOperation } from './diagnostics.js'
+import { InvalidOptionError, StoreOperationMissingError } from './errors.js'
+import { storageKey, type RequestIdentity } from './key.js'
+import type { IdempotencyRecord, IdempotencyStore, InsertResult, ListPage, ListQuery, RecordUpdate, StoredResponse } from './stores/store.js'
 
 /** What `track` found, and so what the request should get. */
 export type TrackResult =
-  /** No live record: this request owns the new one and runs the handler. */
-  | { status: 'created', owner: string, expiresAt: number }
+  /** No live record: this request owns the new one and runs the handler (`tookOver`: over a lapsed lease). */
+  | { status: 'created', owner: string, expiresAt: number, tookOver: boolean }
   /** The first request completed: replay its response. */
   | { status: 'completed', response: StoredResponse, expiresAt: number }
   /** The first request is still running. */
@@ -24,9 +27,26 @@ export interface TrackOptions {
   releaseOnError: boolean
 }
 
-/** Reports failures of background work (lease renewal). */
+/** Reports failures of background work (lease renewal), and what operators change. */
 export interface TrackerLogger {
   warn (object: object, message: string): void
+}
+
+/** A record as `find` reports it to an operator. */
+export interface FoundRecord {
+  /** The storage key's SHA-256 digest (base64url), as logs and diagnostics name the record. */
+  record: string
+  state: IdempotencyRecord['state']
+  expiresAt: number
+  /** `processing` only: when the lease ends, and whether it lapsed (the owner is presumed dead). */
+  leaseExpiresAt: number | undefined
+  leaseExpired: boolean
+  /** `processing` and `halted`: when the record was created. */
+  createdAt: number | undefined
+  /** `completed` only: the stored status, headers and body size in bytes. */
+  statusCode: number | undefined
+  headers: StoredResponse['headers'] | undefined
+  bodySize: number | undefined
 }
 
 export interface RequestTrackerOptions extends TrackOptions {
@@ -65,6 +85,7 @@ export class RequestTracker {
   /** The options `track` uses when given none: the plugin's. */
   readonly defaults: Readonly<TrackOptions>
   #logger: TrackerLogger
+  #storeName: string
   // In this process, one request at a time owns a key.
   #leases = new Map<string, Lease>()
 
@@ -72,19 +93,76 @@ export class RequestTracker {
     this.store = store
     this.defaults = Object.freeze(defaults)
     this.#logger = logger
+    this.#storeName = store.name ?? store.constructor.name
   }
 
-  /** Looks the key up and, when no live record holds it, atomically creates one owned by this request. */
-  track (key: string, fingerprint: string, options: TrackOptions = this.defaults): Awaitable<TrackResult> {
+  /**
+   * Looks the key up and, when no live record holds it, atomically creates one owned by this
+   * request. `identity`, when given, is kept with a running or halted record for operators.
+   */
+  track (key: string, fingerprint: string, options: TrackOptions = this.defaults, identity?: RequestIdentity): Awaitable<TrackResult> {
     const owner = OWNER_PREFIX + (++owners).toString(36)
+    const now = Date.now()
     // A running record lives at least as long as its lease; renewals keep it alive past that.
-    const expiresAt = Date.now() + Math.max(options.cacheTtl, options.processingTtl)
-    const record = { fingerprint, owner, expiresAt, lease: options.processingTtl, takeOverExpiredLease: options.releaseOnError }
-    return step(() => this.store.insert(key, record), (result): TrackResult => {
+    const expiresAt = now + Math.max(options.cacheTtl, options.processingTtl)
+    const record = { fingerprint, owner, expiresAt, lease: options.processingTtl, takeOverExpiredLease: options.releaseOnError, identity, createdAt: now }
+    return step(() => this.#call('insert', () => this.store.insert(key, record)), (result): TrackResult => {
       if (!result.inserted) return found(result, fingerprint)
       this.#watch(key, owner, options.processingTtl)
-      return { status: 'created', owner, expiresAt }
+      return { status: 'created', owner, expiresAt, tookOver: result.tookOver === true }
     })
+  }
+
+  /** The live record of the request `identity` names, as an operator sees it; `undefined` when there is none. */
+  find (identity: RequestIdentity): Awaitable<FoundRecord | undefined> {
+    const key = this.keyOf(identity)
+    return step(() => this.#call('lookup', () => this.store.lookup(key)), (record) => record === undefined ? undefined : {
+      record: this.recordOf(key),
+      state: record.state,
+      expiresAt: record.expiresAt,
+      leaseExpiresAt: record.leaseExpiresAt,
+      leaseExpired: record.leaseExpired,
+      createdAt: record.createdAt,
+      statusCode: record.response?.statusCode,
+      headers: record.response?.headers,
+      bodySize: record.response === undefined ? undefined : Buffer.byteLength(record.response.body)
+    })
+  }
+
+  /**
+   * Removes the record of the request `identity` names, in whatever state, because an operator
+   * decided (a halted request whose outcome is known): a retry then runs the handler. Answers
+   * whether there was one.
+   */
+  forget (identity: RequestIdentity): Awaitable<boolean> {
+    const store = this.store
+    if (store.remove === undefined) throw new StoreOperationMissingError('remove')
+    const key = this.keyOf(identity)
+    return step(() => this.#call('remove', () => (store.remove as (key: string) => Awaitable<boolean>)(key)), (removed) => {
+      // Never the client's key: it may be all another client needs to get this response.
+      this.#logger.warn({ record: this.recordOf(key), method: identity.method, route: identity.route, removed }, 'idempotency record forgotten by an operator')
+      return removed
+    })
+  }
+
+  /** Records that need an operator's decision: halted ones, and processing ones whose lease lapsed. */
+  list (query: ListQuery): Awaitable<ListPage> {
+    const store = this.store
+    if (store.list === undefined) throw new StoreOperationMissingError('list')
+    if (!Number.isInteger(query.limit) || query.limit < 1) throw new InvalidOptionError('list: limit must be a positive integer')
+    if (query.state !== undefined && query.state !== 'halted' && query.state !== 'lapsed') throw new InvalidOptionError("list: state must be 'halted', 'lapsed' or undefined")
+    return this.#call('list', () => (store.list as (query: ListQuery) => Awaitable<ListPage>)(query))
+  }
+
+  /** The storage key of the request `identity` names, as the plugin builds it for that request. */
+  keyOf (identity: RequestIdentity): string {
+    return storageKey(identity, this.store.inProcess === true)
+  }
+
+  /** How logs, diagnostics and `find` name the record under a storage key: its SHA-256 digest. */
+  recordOf (key: string): string {
+    // A store outside this process is given the digest itself.
+    return this.store.inProcess === true ? hash('sha256', key, 'base64url') : key
   }
 
   /** Stores the response of an owned request; answers whether the store took it. */
@@ -103,7 +181,7 @@ export class RequestTracker {
   }
 
   /** Stops renewing an owned request's lease, e.g. when saving its response failed: it lapses. */
-  forget (key: string, owner: string): void {
+  abandon (key: string, owner: string): void {
     const lease = this.#leases.get(key)
     if (lease?.owner !== owner) return
     clearInterval(lease.timer)
@@ -112,7 +190,7 @@ export class RequestTracker {
 
   /** Removes expired records from the store. */
   prune (): Awaitable<number> {
-    return this.store.prune()
+    return this.#call('prune', () => this.store.prune())
   }
 
   /** Stops renewing leases; records of requests still running will expire with their lease. */
@@ -123,8 +201,17 @@ export class RequestTracker {
 
   // Renewals stop before the record is settled. The store's own promise is handed back.
   #settle (key: string, owner: string, update: RecordUpdate | undefined): Awaitable<boolean> {
-    this.forget(key, owner)
-    return update === undefined ? this.store.delete(key, owner) : this.store.update(key, owner, update)
+    this.abandon(key, owner)
+    return update === undefined
+      ? this.#call('delete', () => this.store.delete(key, owner))
+      : this.#call('update', () => this.store.update(key, owner, update))
+  }
+
+  // Every store operation, traced for whoever subscribes to the store channel. Traced, a store
+  // that answers directly answers through a promise; untraced, it costs one check.
+  #call<Value> (operation: StoreOperation, run: () => Awaitable<Value>): Awaitable<Value> {
+    if (!storeChannel.hasSubscribers) return run()
+    return storeChannel.tracePromise(async () => await run(), { operation, store: this.#storeName })
   }
 
   #watch (key: string, owner: string, lease: number): void {
@@ -136,12 +223,12 @@ export class RequestTracker {
 
   #renew (key: string, owner: string, lease: number): void {
     // Through a promise, so that a store that throws instead of rejecting cannot throw from a timer.
-    Promise.resolve().then(async () => await this.store.update(key, owner, { state: 'processing', lease })).then((renewed) => {
+    Promise.resolve().then(async () => await this.#call('update', () => this.store.update(key, owner, { state: 'processing', lease }))).then((renewed) => {
       if (renewed || this.#leases.get(key)?.owner !== owner) return
-      this.forget(key, owner)
-      this.#logger.warn({ key }, 'idempotency lease lost: the record was taken over or expired')
+      this.abandon(key, owner)
+      this.#logger.warn({ record: this.recordOf(key) }, 'idempotency lease lost: the record was taken over or expired')
     }, (error: unknown) => {
-      this.#logger.warn({ err: error, key }, 'idempotency lease renewal failed; it is tried again at the next renewal')
+      this.#logger.warn({ err: error, record: this.recordOf(key) }, 'idempotency lease renewal failed; it is tried again at the next renewal')
     })
   }
 }

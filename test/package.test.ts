@@ -15,7 +15,8 @@ t.test('loads with import and with require, the same module either way', async (
   t.same(Object.keys(esm).sort(), [
     'AlreadyRegisteredError', 'BodyUnseenError', 'ConflictError', 'HOP_BY_HOP_HEADERS', 'HaltedError', 'InvalidOptionError', 'KeyInvalidError',
     'KeyMissingError', 'KeyMultipleError', 'MemoryStore', 'MismatchError', 'POSTGRES_SCHEMA', 'PluginOptionsSchema', 'PostgresStore',
-    'RedisStore', 'RequestTracker', 'RouteOptionsSchema', 'StoreUnavailableError', 'default', 'idempotency', 'postgresSchema'
+    'RedisStore', 'RequestTracker', 'RouteOptionsSchema', 'StoreOperationMissingError', 'StoreUnavailableError', 'default', 'idempotency',
+    'postgresSchema', 'requestChannel', 'settleChannel', 'storeChannel'
   ])
 })
 

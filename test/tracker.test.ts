@@ -52,7 +52,7 @@ t.test('renews the lease of a running request and stops when it ends', async (t)
   tracker.close()
 })
 
-t.test('lets a lease run out when its request is forgotten, or settling it fails, whether the store throws or rejects', async (t) => {
+t.test('lets a lease run out when its request is abandoned, or settling it fails, whether the store throws or rejects', async (t) => {
   for (const throws of [true, false]) {
     const store = new FaultyStore(new MemoryStore(), { throws })
     const tracker = new RequestTracker(store, { logger: recordingLogger(), ...options })
@@ -60,7 +60,7 @@ t.test('lets a lease run out when its request is forgotten, or settling it fails
     for (const key of ['forgotten', 'completed', 'halted', 'released', 'running']) {
       owners[key] = ((await tracker.track(key, 'fp', options)) as { owner: string }).owner
     }
-    tracker.forget('forgotten', owners.forgotten as string)
+    tracker.abandon('forgotten', owners.forgotten as string)
     store.failing = new Set(['update', 'delete'])
     const response = { statusCode: 200, headers: {}, body: 'x' }
     await t.rejects(async () => await tracker.putResponse('completed', owners.completed as string, response), /store update failed/)

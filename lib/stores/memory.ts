@@ -1,10 +1,14 @@
 import { LRUCache } from 'lru-cache'
 import Type from 'typebox'
 import { compileOptions, withDefault } from '../options-validator.js'
+import type { RequestIdentity } from '../key.js'
 import type {
   IdempotencyRecord,
   IdempotencyStore,
   InsertResult,
+  ListedRecord,
+  ListPage,
+  ListQuery,
   NewRecord,
   RecordState,
   RecordUpdate,
@@ -40,12 +44,15 @@ interface Entry {
   expiresAt: number
   leaseExpiresAt: number
   response: StoredResponse | undefined
+  createdAt: number | undefined
+  identity: RequestIdentity | undefined
 }
 
 const validateOptions = compileOptions(MemoryStoreOptionsSchema, { subject: 'MemoryStore', prefix: '' })
 // What a record costs beyond its key, fingerprint, headers and body: the entry and the cache's slot.
 const ENTRY_OVERHEAD = 160
 const INSERTED: InsertResult = Object.freeze({ inserted: true })
+const TOOK_OVER: InsertResult = Object.freeze({ inserted: true, tookOver: true })
 const EVICTION_WARNING_INTERVAL = 60_000
 
 /**
@@ -60,6 +67,7 @@ const EVICTION_WARNING_INTERVAL = 60_000
  * await app.register(idempotency, { store: new MemoryStore({ maxBytes: 16 * 1024 * 1024 }) })
  */
 export class MemoryStore implements IdempotencyStore {
+  readonly name = 'memory'
   readonly inProcess = true
   readonly maxBytes: number
   #now: () => number
@@ -96,7 +104,8 @@ export class MemoryStore implements IdempotencyStore {
     const completed = this.#completed.get(key)
     if (completed !== undefined && completed.expiresAt > now) return { inserted: false, record: completed }
     const existing = this.#entries.get(key)
-    if (existing !== undefined && existing.expiresAt > now) {
+    const live = existing !== undefined && existing.expiresAt > now
+    if (live) {
       const takeOver = record.takeOverExpiredLease && existing.fingerprint === record.fingerprint && leaseLapsed(existing, now)
       if (!takeOver) return { inserted: false, record: toRecord(existing, now) }
     }
@@ -106,9 +115,11 @@ export class MemoryStore implements IdempotencyStore {
       owner: record.owner,
       expiresAt: record.expiresAt,
       leaseExpiresAt: now + record.lease,
-      response: undefined
+      response: undefined,
+      createdAt: record.createdAt,
+      identity: record.identity
     })
-    return INSERTED
+    return live ? TOOK_OVER : INSERTED
   }
 
   lookup (key: string): IdempotencyRecord | undefined {
@@ -116,7 +127,42 @@ export class MemoryStore implements IdempotencyStore {
     const completed = this.#completed.get(key)
     if (completed !== undefined && completed.expiresAt > now) return completed
     const entry = this.#entries.get(key)
-    return entry === undefined || entry.expiresAt <= now ? undefined : toRecord(entry, now)
+    if (entry === undefined || entry.expiresAt <= now) return undefined
+    const record = toRecord(entry, now)
+    if (entry.state === 'processing') record.leaseExpiresAt = entry.leaseExpiresAt
+    if (entry.state !== 'completed') {
+      if (entry.createdAt !== undefined) record.createdAt = entry.createdAt
+      if (entry.identity !== undefined) record.identity = entry.identity
+    }
+    return record
+  }
+
+  remove (key: string): boolean {
+    const live = this.lookup(key) !== undefined
+    this.#completed.delete(key)
+    this.#entries.delete(key)
+    return live
+  }
+
+  /**
+   * Halted records and processing ones whose lease lapsed, in the order they were created. The
+   * cursor is the last key of a page: a page after it starts from the beginning if that record
+   * has gone since, so a record may be listed twice but never skipped.
+   */
+  list (query: ListQuery): ListPage {
+    const now = this.#now()
+    const records: ListedRecord[] = []
+    let skipping = query.cursor !== undefined && this.#entries.has(query.cursor)
+    for (const [key, entry] of this.#entries) {
+      if (skipping) {
+        skipping = key !== query.cursor
+        continue
+      }
+      if (entry.expiresAt <= now || !listed(entry, query.state, now)) continue
+      if (records.length === query.limit) return { records, cursor: (records[records.length - 1] as ListedRecord).key }
+      records.push({ key, state: entry.state as ListedRecord['state'], leaseExpired: leaseLapsed(entry, now), expiresAt: entry.expiresAt, createdAt: entry.createdAt, identity: entry.identity })
+    }
+    return { records, cursor: undefined }
   }
 
   update (key: string, owner: string, update: RecordUpdate): boolean {
@@ -145,6 +191,8 @@ export class MemoryStore implements IdempotencyStore {
     } else {
       entry.leaseExpiresAt = 0
       entry.response = response
+      entry.identity = undefined
+      entry.createdAt = undefined
     }
     return true
   }
@@ -185,6 +233,11 @@ export class MemoryStore implements IdempotencyStore {
     this.#lastWarningAt = now
     this.#evictedSinceWarning = 0
   }
+}
+
+function listed (entry: Entry, state: ListQuery['state'], now: number): boolean {
+  if (entry.state === 'halted') return state !== 'lapsed'
+  return state !== 'halted' && leaseLapsed(entry, now)
 }
 
 function leaseLapsed (entry: Entry, now: number): boolean {

@@ -1,10 +1,14 @@
 import Type from 'typebox'
 import { compileOptions, withDefault } from '../options-validator.js'
 import { withTimeout } from './timeout.js'
+import type { RequestIdentity } from '../key.js'
 import type {
   IdempotencyRecord,
   IdempotencyStore,
   InsertResult,
+  ListedRecord,
+  ListPage,
+  ListQuery,
   NewRecord,
   RecordState,
   RecordUpdate,
@@ -39,10 +43,14 @@ export function postgresSchema (table = 'idempotency_requests'): string {
   lease_expires_at timestamptz,
   status_code smallint,
   headers jsonb,
-  body bytea
+  body bytea,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  identity text
 );
+ALTER TABLE ${name} ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now(), ADD COLUMN IF NOT EXISTS identity text;
 CREATE INDEX IF NOT EXISTS ${quoteIdentifier(`${bare}_expires_at`)} ON ${name} (expires_at);
 CREATE INDEX IF NOT EXISTS ${quoteIdentifier(`${bare}_lease_expires_at`)} ON ${name} (lease_expires_at) WHERE state = 'processing';
+CREATE INDEX IF NOT EXISTS ${quoteIdentifier(`${bare}_unfinished`)} ON ${name} (created_at, key) WHERE state <> 'completed';
 `
 }
 
@@ -73,10 +81,12 @@ export interface PostgresStoreOptions {
 }
 
 const INSERTED: InsertResult = Object.freeze({ inserted: true })
+const TOOK_OVER: InsertResult = Object.freeze({ inserted: true, tookOver: true })
 const validateOptions = compileOptions(PostgresStoreOptionsSchema, { subject: 'PostgresStore', prefix: '' })
 
 interface RecordRow {
   inserted: boolean
+  took_over?: boolean
   state: RecordState | null
   fingerprint: string | null
   expires_ms: number | null
@@ -84,6 +94,12 @@ interface RecordRow {
   status_code: number | null
   headers: StoredResponse['headers'] | null
   body: Buffer | null
+  lease_ms?: number | null
+  created_ms?: number | null
+  /** JSON text, not jsonb: JSON escapes lone surrogates, which jsonb refuses and a scope may hold. */
+  identity?: string | null
+  key?: string
+  created_text?: string
 }
 
 /**
@@ -96,6 +112,7 @@ interface RecordRow {
  * await app.register(idempotency, { store: new PostgresStore({ pool: app.pg.pool }) })
  */
 export class PostgresStore implements IdempotencyStore {
+  readonly name = 'postgres'
   readonly table: string
   readonly timeout: number
   readonly pruneBatchSize: number
@@ -114,7 +131,7 @@ export class PostgresStore implements IdempotencyStore {
   }
 
   async insert (key: string, record: NewRecord): Promise<InsertResult> {
-    const values = [key, record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease]
+    const values = [key, record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease, record.createdAt ?? null, record.identity === undefined ? null : JSON.stringify(record.identity)]
     // A row committed by another transaction after this statement's snapshot was taken is not
     // seen by the statement's SELECT, though its INSERT conflicted with it: then nothing comes
     // back, and the statement runs again with a new snapshot.
@@ -128,13 +145,41 @@ export class PostgresStore implements IdempotencyStore {
       })
       const row = rows[0] as RecordRow | undefined
       if (row === undefined) continue
-      return row.inserted ? INSERTED : { inserted: false, record: toRecord(row) }
+      if (row.inserted) return row.took_over === true ? TOOK_OVER : INSERTED
+      return { inserted: false, record: toRecord(row) }
     }
   }
 
   async lookup (key: string): Promise<IdempotencyRecord | undefined> {
     const rows = await this.#query('lookup', { name: this.#sql.names.lookup, text: this.#sql.lookup, values: [key] })
-    return rows.length === 0 ? undefined : toRecord(rows[0] as RecordRow)
+    if (rows.length === 0) return undefined
+    const row = rows[0] as RecordRow
+    const record = toRecord(row)
+    if (row.lease_ms !== null && row.lease_ms !== undefined) record.leaseExpiresAt = row.lease_ms
+    if (record.state !== 'completed' && row.created_ms !== null && row.created_ms !== undefined) record.createdAt = row.created_ms
+    if (row.identity !== null && row.identity !== undefined) record.identity = JSON.parse(row.identity) as RequestIdentity
+    return record
+  }
+
+  async remove (key: string): Promise<boolean> {
+    return (await this.#query('remove', { name: this.#sql.names.remove, text: this.#sql.remove, values: [key] })).length === 1
+  }
+
+  /** By the index of unfinished records, oldest first; the cursor is the last record's creation time and key. */
+  async list (query: ListQuery): Promise<ListPage> {
+    const [createdAt = null, after = ''] = query.cursor === undefined ? [] : JSON.parse(query.cursor) as [string, string]
+    const values = [query.state ?? null, createdAt, after, query.limit + 1]
+    const rows = await this.#query('list', { name: this.#sql.names.list, text: this.#sql.list, values }) as RecordRow[]
+    const records: ListedRecord[] = rows.slice(0, query.limit).map((row) => ({
+      key: row.key as string,
+      state: row.state as ListedRecord['state'],
+      leaseExpired: row.lease_expired === true,
+      expiresAt: row.expires_ms as number,
+      createdAt: row.created_ms ?? undefined,
+      identity: row.identity === null || row.identity === undefined ? undefined : JSON.parse(row.identity) as RequestIdentity
+    }))
+    const last = rows[query.limit - 1]
+    return { records, cursor: rows.length > query.limit && last !== undefined ? JSON.stringify([last.created_text, last.key]) : undefined }
   }
 
   async update (key: string, owner: string, update: RecordUpdate): Promise<boolean> {
@@ -185,6 +230,8 @@ function statements (tableName: string) {
   const name = (statement: string) => `idempotency-${statement}:${tableName}`
   const record = `state, fingerprint, (extract(epoch FROM expires_at) * 1000)::float8 AS expires_ms,
     (state = 'processing' AND lease_expires_at <= now()) AS lease_expired, status_code, headers, body`
+  const origin = `(extract(epoch FROM lease_expires_at) * 1000)::float8 AS lease_ms,
+    (extract(epoch FROM created_at) * 1000)::float8 AS created_ms, identity`
   return {
     names: {
       insert: name('insert'),
@@ -193,7 +240,9 @@ function statements (tableName: string) {
       halt: name('halt'),
       complete: name('complete'),
       delete: name('delete'),
-      prune: name('prune')
+      prune: name('prune'),
+      remove: name('remove'),
+      list: name('list')
     },
     // A live row is read without a write or a lock, so a replay costs one read; only when there
     // is none does the INSERT run, whose conflict check keeps two instances from both inserting.
@@ -202,30 +251,42 @@ function statements (tableName: string) {
   WHERE key = $1 AND expires_at > now()
     AND NOT ($6::boolean AND state = 'processing' AND lease_expires_at <= now() AND fingerprint = $2)
 ), attempt AS (
-  INSERT INTO ${table} AS r (key, state, fingerprint, owner, expires_at, lease_expires_at)
-  SELECT $1, 'processing', $2, $3, to_timestamp($4::float8 / 1000), now() + $5::float8 * interval '1 millisecond'
+  INSERT INTO ${table} AS r (key, state, fingerprint, owner, expires_at, lease_expires_at, created_at, identity)
+  SELECT $1, 'processing', $2, $3, to_timestamp($4::float8 / 1000), now() + $5::float8 * interval '1 millisecond',
+    coalesce(to_timestamp($7::float8 / 1000), now()), $8::text
   WHERE NOT EXISTS (SELECT 1 FROM existing)
   ON CONFLICT (key) DO UPDATE SET
     state = 'processing', fingerprint = EXCLUDED.fingerprint, owner = EXCLUDED.owner,
     expires_at = EXCLUDED.expires_at, lease_expires_at = EXCLUDED.lease_expires_at,
-    status_code = NULL, headers = NULL, body = NULL
+    status_code = NULL, headers = NULL, body = NULL, created_at = EXCLUDED.created_at, identity = EXCLUDED.identity
   WHERE r.expires_at <= now()
     OR ($6::boolean AND r.state = 'processing' AND r.lease_expires_at <= now() AND r.fingerprint = EXCLUDED.fingerprint)
   RETURNING 1
+), lapsed AS (
+  -- Read in the statement's snapshot, before the insert: a live record whose lease lapsed is taken over.
+  SELECT 1 FROM ${table} WHERE key = $1 AND expires_at > now() AND state = 'processing' AND lease_expires_at <= now()
 )
-SELECT true AS inserted, NULL AS state, NULL AS fingerprint, NULL::float8 AS expires_ms, NULL::boolean AS lease_expired,
+SELECT true AS inserted, EXISTS (SELECT 1 FROM lapsed) AS took_over, NULL AS state, NULL AS fingerprint, NULL::float8 AS expires_ms, NULL::boolean AS lease_expired,
   NULL::smallint AS status_code, NULL::jsonb AS headers, NULL::bytea AS body
 FROM attempt
 UNION ALL
-SELECT false, * FROM existing`,
-    lookup: `SELECT false AS inserted, ${record} FROM ${table} WHERE key = $1 AND expires_at > now()`,
+SELECT false, false, * FROM existing`,
+    lookup: `SELECT false AS inserted, ${record}, ${origin} FROM ${table} WHERE key = $1 AND expires_at > now()`,
+    remove: `DELETE FROM ${table} WHERE key = $1 AND expires_at > now() RETURNING 1`,
+    // $1: 'halted', 'lapsed' or NULL for both; ($2, $3): where the previous page ended.
+    // The cursor's time is the column's own text, exact to the microsecond.
+    list: `SELECT key, created_at::text AS created_text, ${record}, ${origin} FROM ${table}
+WHERE state <> 'completed' AND expires_at > now()
+  AND (CASE WHEN state = 'halted' THEN $1::text IS DISTINCT FROM 'lapsed' ELSE $1::text IS DISTINCT FROM 'halted' AND lease_expires_at <= now() END)
+  AND ($2::timestamptz IS NULL OR (created_at, key) > ($2::timestamptz, $3::text))
+ORDER BY created_at, key LIMIT $4`,
     renew: `UPDATE ${table} SET lease_expires_at = now() + $3::float8 * interval '1 millisecond',
   expires_at = greatest(expires_at, now() + $3::float8 * interval '1 millisecond')
 WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING 1`,
     halt: `UPDATE ${table} SET state = 'halted', expires_at = to_timestamp($3::float8 / 1000), owner = NULL, lease_expires_at = NULL
 WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING 1`,
     complete: `UPDATE ${table} SET state = 'completed', expires_at = to_timestamp($3::float8 / 1000), owner = NULL,
-  lease_expires_at = NULL, status_code = $4, headers = $5, body = $6
+  lease_expires_at = NULL, status_code = $4, headers = $5, body = $6, identity = NULL
 WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING 1`,
     delete: `DELETE FROM ${table} WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING 1`,
     prune: `DELETE FROM ${table} WHERE key IN (

@@ -1,9 +1,13 @@
 import Type from 'typebox'
 import { compileOptions, withDefault } from '../options-validator.js'
+import { withTimeout } from './timeout.js'
 import type {
   IdempotencyRecord,
   IdempotencyStore,
   InsertResult,
+  ListedRecord,
+  ListPage,
+  ListQuery,
   NewRecord,
   RecordState,
   RecordUpdate,
@@ -22,6 +26,10 @@ export interface RedisClient {
   readonly isCluster?: boolean
   /** Told when the client is ready again after reconnecting. */
   once? (event: 'ready', listener: () => void): unknown
+  /** `list` only: SCAN, on a single Redis. */
+  scan? (cursor: string, match: 'MATCH', pattern: string, count: 'COUNT', keys: number): Promise<[cursor: string, keys: string[]]>
+  /** `list` only: a Cluster's master nodes, each scanned in turn. */
+  nodes? (role: 'master'): Array<{ scan: NonNullable<RedisClient['scan']> }>
 }
 
 const RedisStoreOptionsSchema = Type.Object({
@@ -43,9 +51,11 @@ export interface RedisStoreOptions {
 
 // A record is one Redis string, the fields every state has first and the state's own after:
 //   <state>\n<expiresAt>\n<fingerprint length>\n<fingerprint>, then
-//   p (processing): <lease end>\n<owner>
+//   p (processing): <lease end>\n<owner>\n<origin>
 //   c (completed):  <status>\n<headers as JSON>\n<body bytes>
-//   h (halted):     nothing more
+//   h (halted):     <origin>
+// where <origin> is the JSON of when the record was created and the request that created it, for
+// operators (empty when the tracker gave none); a completed record does not keep it.
 // Times are ms since the epoch; the fingerprint's length is in bytes, so that it may hold any
 // character, and JSON never holds a raw newline. A string costs Redis one command to read and one
 // to write with its expiry (SET PXAT, Redis 6.2), where a hash took three: per fresh key, four
@@ -76,6 +86,7 @@ local function answer (r)
   return 'l' .. sub(r, 2)
 end
 local function step (key, kind, a)
+  if kind == 'x' then return redis.call('DEL', key) end
   if kind == 'i' then
     local fingerprint, expiresAt = ARGV[a + 1], ARGV[a + 3]
     local r = redis.call('GET', key)
@@ -86,15 +97,16 @@ local function step (key, kind, a)
       takeOver = sub(r, lengthEnd + 1, fingerprintEnd) == fingerprint
     end
     if r and not takeOver then return r end
-    redis.call('SET', key, 'p\\n' .. expiresAt .. '\\n' .. #fingerprint .. '\\n' .. fingerprint .. (now + tonumber(ARGV[a + 4])) .. '\\n' .. ARGV[a + 2], 'PXAT', expiresAt)
-    return 1
+    redis.call('SET', key, 'p\\n' .. expiresAt .. '\\n' .. #fingerprint .. '\\n' .. fingerprint .. (now + tonumber(ARGV[a + 4])) .. '\\n' .. ARGV[a + 2] .. '\\n' .. ARGV[a + 6], 'PXAT', expiresAt)
+    return takeOver and 2 or 1
   end
   local r = redis.call('GET', key)
   if kind == 'l' then return r and answer(r) or 0 end
   if not r or byte(r, 1) ~= 112 then return 0 end
   local expiresEnd, fingerprintEnd = fields(r)
   local leaseEnd = find(r, '\\n', fingerprintEnd + 1, true)
-  if sub(r, leaseEnd + 1) ~= ARGV[a + 1] then return 0 end
+  local ownerEnd = find(r, '\\n', leaseEnd + 1, true)
+  if sub(r, leaseEnd + 1, (ownerEnd or #r + 1) - 1) ~= ARGV[a + 1] then return 0 end
   if kind == 'd' then
     redis.call('DEL', key)
   elseif kind == 'r' then
@@ -102,14 +114,14 @@ local function step (key, kind, a)
     local expiresAt = math.max(tonumber(sub(r, 3, expiresEnd - 1)), lease)
     redis.call('SET', key, 'p\\n' .. expiresAt .. sub(r, expiresEnd, fingerprintEnd) .. lease .. sub(r, leaseEnd), 'PXAT', expiresAt)
   elseif kind == 'h' then
-    redis.call('SET', key, 'h\\n' .. ARGV[a + 2] .. sub(r, expiresEnd, fingerprintEnd), 'PXAT', ARGV[a + 2])
+    redis.call('SET', key, 'h\\n' .. ARGV[a + 2] .. sub(r, expiresEnd, fingerprintEnd) .. (ownerEnd and sub(r, ownerEnd + 1) or ''), 'PXAT', ARGV[a + 2])
   else
     redis.call('SET', key, 'c\\n' .. ARGV[a + 2] .. sub(r, expiresEnd, fingerprintEnd) .. ARGV[a + 3] .. '\\n' .. ARGV[a + 4] .. '\\n' .. ARGV[a + 5], 'PXAT', ARGV[a + 2])
   end
   return 1
 end
 -- How many ARGV each kind of step takes, its kind included.
-local sizes = {i = 6, l = 1, d = 2, r = 3, h = 3, c = 6}
+local sizes = {i = 7, l = 1, d = 2, r = 3, h = 3, c = 6, x = 1}
 -- A step that fails (a key of another type, a value this store did not write) fails alone.
 for i = 1, #KEYS do
   local kind = ARGV[a]
@@ -168,6 +180,9 @@ const STATES: Partial<Record<number, RecordState>> = { 0x70: 'processing', 0x6c:
 const LEASE_LAPSED = 0x6c
 const notARecord = (): Error => new Error('redis record is not one this store wrote')
 const INSERTED: InsertResult = Object.freeze({ inserted: true })
+const TOOK_OVER: InsertResult = Object.freeze({ inserted: true, tookOver: true })
+// Keys a SCAN asks for at a time, when listing.
+const SCAN_COUNT = 100
 // While the client is reconnecting, a command would wait in ioredis's offline queue: fail at once.
 const DISCONNECTED = new Set(['reconnecting', 'end', 'close'])
 // A call takes at most this many steps, or this many bytes of bodies: a turn with more sends
@@ -196,6 +211,7 @@ const validateOptions = compileOptions(RedisStoreOptionsSchema, { subject: 'Redi
  * await app.register(idempotency, { store: new RedisStore({ client: app.redis }) })
  */
 export class RedisStore implements IdempotencyStore {
+  readonly name = 'redis'
   readonly prefix: string
   readonly timeout: number
   #client: ScriptedClient
@@ -220,14 +236,57 @@ export class RedisStore implements IdempotencyStore {
 
   async insert (key: string, record: NewRecord): Promise<InsertResult> {
     // #lostInsert reads the owner and expiresAt back from argv[2] and argv[3].
+    const origin = record.identity === undefined && record.createdAt === undefined ? '' : JSON.stringify({ createdAt: record.createdAt, identity: record.identity })
     const reply = await this.#step('insert', this.prefix + key,
-      ['i', record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0], 0)
-    return reply === 1 ? INSERTED : { inserted: false, record: this.#toRecord(reply as Buffer) }
+      ['i', record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0, origin], 0)
+    if (typeof reply === 'number') return reply === 2 ? TOOK_OVER : INSERTED
+    return { inserted: false, record: this.#toRecord(reply) }
   }
 
   async lookup (key: string): Promise<IdempotencyRecord | undefined> {
     const reply = await this.#step('lookup', this.prefix + key, ['l'], 0)
-    return reply === 0 ? undefined : this.#toRecord(reply as Buffer)
+    return reply === 0 ? undefined : this.#toRecord(reply as Buffer, true)
+  }
+
+  async remove (key: string): Promise<boolean> {
+    return await this.#step('remove', this.prefix + key, ['x'], 0) === 1
+  }
+
+  /**
+   * SCANs the keys under the prefix (every master of a Cluster in turn) and reads each. The
+   * cursor names the node, its SCAN cursor and how many records of that batch a page took: a
+   * record may be listed twice, as SCAN may return a key twice, but one that stays is never skipped.
+   */
+  async list (query: ListQuery): Promise<ListPage> {
+    const client = this.#client as unknown as RedisClient
+    const nodes = client.isCluster === true ? (client.nodes as NonNullable<RedisClient['nodes']>)('master') : [client as { scan: NonNullable<RedisClient['scan']> }]
+    const [node = 0, start = '0', taken = 0] = (query.cursor ?? '').split(':').map((part, index) => index === 1 ? part : Number(part)) as [number, string, number]
+    const pattern = `${this.prefix.replace(/[*?[\]\\]/g, '\\$&')}*`
+    const records: ListedRecord[] = []
+    for (let at = node, cursor = start, skip = taken; at < nodes.length;) {
+      const scanned = (nodes[at] as { scan: NonNullable<RedisClient['scan']> }).scan(cursor, 'MATCH', pattern, 'COUNT', SCAN_COUNT)
+      const [next, keys] = await withTimeout(scanned, this.timeout, `redis list timed out after ${this.timeout} ms`)
+      const found = await Promise.all(keys.map(async (key) => await this.#listed(key.slice(this.prefix.length), query.state)))
+      const batch = found.filter((record) => record !== undefined).slice(skip)
+      const room = query.limit - records.length
+      if (batch.length > room) {
+        records.push(...batch.slice(0, room))
+        return { records, cursor: `${at}:${cursor}:${skip + room}` }
+      }
+      records.push(...batch)
+      skip = 0
+      if (next === '0') at++
+      cursor = next === '0' ? '0' : next
+      if (records.length === query.limit) return { records, cursor: at < nodes.length ? `${at}:${cursor}:0` : undefined }
+    }
+    return { records, cursor: undefined }
+  }
+
+  async #listed (key: string, state: ListQuery['state']): Promise<ListedRecord | undefined> {
+    const record = await this.lookup(key)
+    if (record === undefined || record.state === 'completed') return undefined
+    if (record.state === 'halted' ? state === 'lapsed' : state === 'halted' || !record.leaseExpired) return undefined
+    return { key, state: record.state, leaseExpired: record.leaseExpired, expiresAt: record.expiresAt, createdAt: record.createdAt, identity: record.identity }
   }
 
   async update (key: string, owner: string, update: RecordUpdate): Promise<boolean> {
@@ -256,7 +315,8 @@ export class RedisStore implements IdempotencyStore {
     return 0
   }
 
-  #toRecord (reply: Buffer): IdempotencyRecord {
+  // `details`: the lease's end and the record's origin too, for operators.
+  #toRecord (reply: Buffer, details = false): IdempotencyRecord {
     const state = STATES[reply[0] as number]
     const expiresEnd = reply.indexOf(NEWLINE, 2)
     const lengthEnd = reply.indexOf(NEWLINE, expiresEnd + 1)
@@ -276,13 +336,15 @@ export class RedisStore implements IdempotencyStore {
         body: reply.subarray(headersEnd + 1)
       }
     }
-    return {
+    const record: IdempotencyRecord = {
       state,
       fingerprint: reply.toString('utf8', lengthEnd + 1, fingerprintEnd),
       expiresAt: Number(reply.toString('latin1', 2, expiresEnd)),
       leaseExpired: reply[0] === LEASE_LAPSED,
       response
     }
+    if (details && state !== 'completed') withOrigin(record, reply, fingerprintEnd)
+    return record
   }
 
   #step (operation: string, key: string, argv: StepArgument[], bytes: number): Promise<StepReply> {
@@ -419,4 +481,19 @@ export class RedisStore implements IdempotencyStore {
       for (const step of steps) step.reject(error)
     })
   }
+}
+
+// A processing record's lease end, and a processing or halted record's origin, when it has one.
+function withOrigin (record: IdempotencyRecord, reply: Buffer, fingerprintEnd: number): void {
+  let originStart = fingerprintEnd
+  if (record.state === 'processing') {
+    const leaseEnd = reply.indexOf(NEWLINE, fingerprintEnd)
+    const ownerEnd = reply.indexOf(NEWLINE, leaseEnd + 1)
+    record.leaseExpiresAt = Number(reply.toString('latin1', fingerprintEnd, leaseEnd))
+    originStart = ownerEnd === -1 ? reply.length : ownerEnd + 1
+  }
+  if (originStart >= reply.length) return
+  const origin = JSON.parse(reply.toString('utf8', originStart)) as Pick<IdempotencyRecord, 'createdAt' | 'identity'>
+  if (origin.createdAt !== undefined) record.createdAt = origin.createdAt
+  if (origin.identity !== undefined) record.identity = origin.identity
 }

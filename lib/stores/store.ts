@@ -1,4 +1,5 @@
 import type { Awaitable } from '../awaitable.js'
+import type { RequestIdentity } from '../key.js'
 
 /** Where a tracked request stands. */
 export type RecordState = 'processing' | 'completed' | 'halted'
@@ -28,6 +29,39 @@ export interface IdempotencyRecord {
   leaseExpired: boolean
   /** `completed` only. */
   response?: StoredResponse
+  /** `lookup` of a `processing` record: when its lease ends, in ms since the epoch. */
+  leaseExpiresAt?: number
+  /** `lookup` of a `processing` or `halted` record: when it was created, in ms since the epoch. */
+  createdAt?: number
+  /** `lookup` of a `processing` or `halted` record: the request that created it. */
+  identity?: RequestIdentity
+}
+
+/** A record that needs an operator's decision, as `list` gives it. */
+export interface ListedRecord {
+  /** The storage key. */
+  key: string
+  state: 'processing' | 'halted'
+  /** `processing` records are listed only once their lease lapsed. */
+  leaseExpired: boolean
+  expiresAt: number
+  createdAt: number | undefined
+  identity: RequestIdentity | undefined
+}
+
+/** Which records `list` gives: halted ones, processing ones whose lease lapsed, or both (`undefined`). */
+export interface ListQuery {
+  state?: 'halted' | 'lapsed' | undefined
+  /** At most this many. */
+  limit: number
+  /** Where the previous page ended. */
+  cursor?: string | undefined
+}
+
+export interface ListPage {
+  records: ListedRecord[]
+  /** Pass it to get the next page; `undefined` when there is none. */
+  cursor: string | undefined
 }
 
 /** What `insert` writes when no live record holds the key. */
@@ -44,10 +78,15 @@ export interface NewRecord {
    * replace it (the new request runs) instead of returning it.
    */
   takeOverExpiredLease: boolean
+  /** The request that creates the record, kept while it is processing or halted, for operators. */
+  identity?: RequestIdentity | undefined
+  /** When it was created, in ms since the epoch. */
+  createdAt?: number | undefined
 }
 
 export type InsertResult =
-  | { inserted: true }
+  /** `tookOver`: the record replaced a processing one whose lease had lapsed. */
+  | { inserted: true, tookOver?: boolean }
   | { inserted: false, record: IdempotencyRecord }
 
 /** An owner's change to its `processing` record. */
@@ -92,6 +131,12 @@ export interface IdempotencyStore {
   delete (key: string, owner: string): Awaitable<boolean>
   /** Removes expired records; answers how many it removed. */
   prune (): Awaitable<number>
+  /** Deletes the record under `key` in whatever state, for an operator; answers whether there was one. */
+  remove? (key: string): Awaitable<boolean>
+  /** Records that need an operator's decision: halted ones, and processing ones whose lease lapsed. */
+  list? (query: ListQuery): Awaitable<ListPage>
+  /** Named in the store's diagnostics: `memory`, `redis`, `postgres`. */
+  readonly name?: string
   /** Releases what the store itself opened; clients passed in by the caller stay open. */
   close? (): Awaitable<void>
 }

@@ -306,7 +306,7 @@ export function runConformance (t: Test, target: ConformanceTarget): void {
       await store.insert(key, first)
       await target.advance(PAST_LEASE)
       const second = record({ fingerprint: first.fingerprint, expiresAt: target.now() + 2 * LONG, takeOverExpiredLease: true })
-      t.strictSame(await store.insert(key, second), { inserted: true })
+      t.strictSame(await store.insert(key, second), { inserted: true, tookOver: true }, 'the insert says it took over')
       t.strictSame(comparable(await store.lookup(key)), {
         state: 'processing',
         fingerprint: second.fingerprint,
@@ -544,6 +544,88 @@ export function runConformance (t: Test, target: ConformanceTarget): void {
       t.ok(Buffer.isBuffer(found?.response?.body), 'the body is a Buffer')
       t.strictSame(found?.response, { statusCode: 204, headers: {}, body: Buffer.alloc(0) })
     })
+
+    t.test('lookup tells an operator when a running record\'s lease ends, when it was created and by which request', async (t) => {
+      const store = await open(t)
+      const key = uniqueKey('origin')
+      const identity = { method: 'POST', route: '/orders/:id', params: { id: '42' }, constraints: { version: '2.0.0' }, key: 'client-key', scope: 'user-1' }
+      const createdAt = target.now()
+      const first = record({ lease: LONG, identity, createdAt })
+      await store.insert(key, first)
+      const running = await store.lookup(key)
+      t.strictSame(running?.identity, identity)
+      t.equal(running?.createdAt, createdAt)
+      t.ok(Math.abs((running?.leaseExpiresAt as number) - (createdAt + LONG)) < 5_000, 'the lease ends a lease from now, by the store clock')
+      await store.update(key, first.owner, { state: 'halted', expiresAt: target.now() + LONG })
+      const halted = await store.lookup(key)
+      t.strictSame([halted?.identity, halted?.createdAt, halted?.leaseExpiresAt], [identity, createdAt, undefined], 'a halted record keeps its origin')
+      const completedKey = uniqueKey('origin-completed')
+      const second = record({ identity, createdAt })
+      await store.insert(completedKey, second)
+      await store.update(completedKey, second.owner, { state: 'completed', response: response(), expiresAt: target.now() + LONG })
+      const completed = await store.lookup(completedKey)
+      t.strictSame([completed?.identity, completed?.createdAt, completed?.leaseExpiresAt], [undefined, undefined, undefined], 'a completed record keeps no origin')
+    })
+
+    t.test('remove deletes a record in any state, whoever owns it', async (t) => {
+      const store = await open(t)
+      const remove = store.remove?.bind(store)
+      if (remove === undefined) throw new Error(`${target.name} store has no remove`)
+      const states = ['processing', 'halted', 'completed'] as const
+      for (const state of states) {
+        const key = uniqueKey(`remove-${state}`)
+        const first = record()
+        await store.insert(key, first)
+        if (state === 'halted') await store.update(key, first.owner, { state, expiresAt: target.now() + LONG })
+        if (state === 'completed') await store.update(key, first.owner, { state, response: response(), expiresAt: target.now() + LONG })
+        t.equal(await remove(key), true, `a ${state} record is removed`)
+        t.equal(await store.lookup(key), undefined, `the ${state} record is gone`)
+        t.equal(await remove(key), false, `removing it again finds nothing`)
+        t.strictSame(await store.insert(key, record()), { inserted: true }, `a new request after a removed ${state} record runs`)
+      }
+    })
+
+    t.test('list pages through halted records and lapsed leases, and nothing else', async (t) => {
+      const store = await open(t)
+      const list = store.list?.bind(store)
+      if (list === undefined) throw new Error(`${target.name} store has no list`)
+      const run = randomUUID()
+      const ours = (label: string): string => uniqueKey(`list-${run}-${label}`)
+      const identity = (label: string) => ({ method: 'POST', route: '/list', key: label })
+      const keys = { halted: [ours('h1'), ours('h2'), ours('h3')], lapsed: [ours('l1'), ours('l2')], running: ours('r'), completed: ours('c'), haltedExpired: ours('he') }
+      for (const key of [...keys.halted, keys.haltedExpired]) {
+        const first = record({ identity: identity(key), createdAt: target.now() })
+        await store.insert(key, first)
+        await store.update(key, first.owner, { state: 'halted', expiresAt: target.now() + (key === keys.haltedExpired ? LEASE : LONG) })
+      }
+      for (const key of keys.lapsed) await store.insert(key, record({ lease: LEASE, identity: identity(key), createdAt: target.now() }))
+      await store.insert(keys.running, record({ lease: LONG }))
+      const completed = record()
+      await store.insert(keys.completed, completed)
+      await store.update(keys.completed, completed.owner, { state: 'completed', response: response(), expiresAt: target.now() + LONG })
+      await target.advance(PAST_LEASE)
+
+      async function all (state: 'halted' | 'lapsed' | undefined) {
+        const found = new Map<string, unknown>()
+        let cursor: string | undefined
+        for (let page = 0; page < 10_000; page++) {
+          const listed = await (list as NonNullable<IdempotencyStore['list']>)({ state, limit: 2, cursor })
+          t.ok(listed.records.length <= 2, 'a page holds at most limit records')
+          for (const entry of listed.records) if (entry.key.includes(run)) found.set(entry.key, entry)
+          cursor = listed.cursor
+          if (cursor === undefined) break
+        }
+        return found
+      }
+      const halted = await all('halted')
+      t.strictSame([...halted.keys()].sort(), [...keys.halted].sort(), 'halted: the live halted records')
+      t.match(halted.get(keys.halted[0] as string), { state: 'halted', leaseExpired: false, identity: identity(keys.halted[0] as string), createdAt: Number })
+      const lapsed = await all('lapsed')
+      t.strictSame([...lapsed.keys()].sort(), [...keys.lapsed].sort(), 'lapsed: the processing records whose lease lapsed')
+      t.match(lapsed.get(keys.lapsed[0] as string), { state: 'processing', leaseExpired: true, identity: identity(keys.lapsed[0] as string) })
+      const both = await all(undefined)
+      t.strictSame([...both.keys()].sort(), [...keys.halted, ...keys.lapsed].sort(), 'by default: both')
+    })
   })
 }
 
@@ -552,10 +634,11 @@ function uniqueKey (label: string): string {
 }
 
 /** Stores may leave `response` out or set it to undefined; compare records either way. */
+// The fields every record has; what lookup adds for operators (lease end, origin) is tested on its own.
 function comparable (record: IdempotencyRecord | undefined): Omit<IdempotencyRecord, 'response'> | IdempotencyRecord | undefined {
-  if (record === undefined || record.response !== undefined) return record
-  const { response: _response, ...rest } = record
-  return rest
+  if (record === undefined) return record
+  const { response, leaseExpiresAt: _lease, createdAt: _created, identity: _identity, ...rest } = record
+  return response === undefined ? rest : { ...rest, response }
 }
 
 function comparableInsert (result: InsertResult): object {

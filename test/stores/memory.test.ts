@@ -157,7 +157,7 @@ t.test('a lease lapses exactly at its end by the store clock', async (t) => {
     inserted: false,
     record: { state: 'processing', fingerprint: 'f', expiresAt: first.expiresAt, leaseExpired: true, response: undefined }
   }, 'insert at the end')
-  t.strictSame(await store.insert('k', second), { inserted: true }, 'a take-over at the end')
+  t.strictSame(await store.insert('k', second), { inserted: true, tookOver: true }, 'a take-over at the end')
 })
 
 t.test('a record expires exactly at expiresAt by the store clock', async (t) => {

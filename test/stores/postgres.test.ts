@@ -66,12 +66,26 @@ if (requirePostgres(t)) {
     const store = new PostgresStore({ pool, table: 'created.requests', createTable: true })
     t.same(await store.insert('k', { fingerprint: 'f', owner: 'o', expiresAt: Date.now() + 60_000, lease: 1000, takeOverExpiredLease: false }), { inserted: true })
     const indexes = await pool.query("SELECT indexname FROM pg_indexes WHERE schemaname = 'created' AND tablename = 'requests' ORDER BY indexname")
-    t.same(indexes.rows.map((row: { indexname: string }) => row.indexname), ['created_requests_expires_at', 'created_requests_lease_expires_at', 'requests_pkey'])
+    t.same(indexes.rows.map((row: { indexname: string }) => row.indexname), ['created_requests_expires_at', 'created_requests_lease_expires_at', 'created_requests_unfinished', 'requests_pkey'])
     const columns = await pool.query("SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = 'created' AND table_name = 'requests' ORDER BY ordinal_position")
     t.same(columns.rows.map((row: { column_name: string, data_type: string }) => `${row.column_name} ${row.data_type}`), [
       'key text', 'state text', 'fingerprint text', 'owner text', 'expires_at timestamp with time zone',
-      'lease_expires_at timestamp with time zone', 'status_code smallint', 'headers jsonb', 'body bytea'
+      'lease_expires_at timestamp with time zone', 'status_code smallint', 'headers jsonb', 'body bytea',
+      'created_at timestamp with time zone', 'identity text'
     ])
+  })
+
+  t.test('adds the columns operators read to a table made by an earlier schema, keeping its rows', async (t) => {
+    const pool = new pg.Pool({ connectionString: server.connectionString })
+    t.teardown(() => pool.end())
+    await pool.query('CREATE SCHEMA IF NOT EXISTS upgraded')
+    await pool.query(`CREATE TABLE upgraded.requests (key text PRIMARY KEY, state text NOT NULL, fingerprint text NOT NULL, owner text,
+      expires_at timestamptz NOT NULL, lease_expires_at timestamptz, status_code smallint, headers jsonb, body bytea)`)
+    await pool.query("INSERT INTO upgraded.requests (key, state, fingerprint, expires_at) VALUES ('old', 'halted', 'f', now() + interval '1 hour')")
+    const store = new PostgresStore({ pool, table: 'upgraded.requests', createTable: true })
+    const listed = await store.list({ limit: 10 })
+    t.strictSame(listed.records.map((entry) => [entry.key, entry.state, entry.identity, typeof entry.createdAt]), [['old', 'halted', undefined, 'number']])
+    t.equal(listed.cursor, undefined)
   })
 
   t.test('sees a row committed by another transaction while its insert waited on it', async (t) => {
