@@ -116,16 +116,20 @@ export class RequestTracker {
   /** The live record of the request `identity` names, as an operator sees it; `undefined` when there is none. */
   find (identity: RequestIdentity): Awaitable<FoundRecord | undefined> {
     const key = this.keyOf(identity)
-    return step(() => this.#call('lookup', () => this.store.lookup(key)), (record) => record === undefined ? undefined : {
-      record: this.recordOf(key),
-      state: record.state,
-      expiresAt: record.expiresAt,
-      leaseExpiresAt: record.leaseExpiresAt,
-      leaseExpired: record.leaseExpired,
-      createdAt: record.createdAt,
-      statusCode: record.response?.statusCode,
-      headers: record.response?.headers,
-      bodySize: record.response === undefined ? undefined : Buffer.byteLength(record.response.body)
+    return step(() => this.#call('lookup', () => this.store.lookup(key)), (record) => {
+      if (record === undefined) return undefined
+      const response = record.response
+      return {
+        record: this.recordOf(key),
+        state: record.state,
+        expiresAt: record.expiresAt,
+        leaseExpiresAt: record.leaseExpiresAt,
+        leaseExpired: record.leaseExpired,
+        createdAt: record.createdAt,
+        statusCode: response?.statusCode,
+        headers: response?.headers,
+        bodySize: response === undefined ? undefined : Buffer.byteLength(response.body)
+      }
     })
   }
 

@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs'
 import { spawnSync } from 'node:child_process'
 import { createRequire } from 'node:module'
 import t from 'tap'
@@ -18,6 +19,16 @@ t.test('loads with import and with require, the same module either way', async (
     'RedisStore', 'RequestTracker', 'RouteOptionsSchema', 'StoreOperationMissingError', 'StoreUnavailableError', 'default', 'idempotency',
     'postgresSchema', 'requestChannel', 'settleChannel', 'storeChannel'
   ])
+})
+
+t.test('exports the OpenTelemetry instrumentation as fastify-idempotency/otel, apart from the main entry', async (t) => {
+  const otel = await import('fastify-idempotency/otel')
+  t.strictSame(Object.keys(otel), ['instrumentIdempotency'])
+  const stop = otel.instrumentIdempotency()
+  t.equal(typeof stop, 'function')
+  stop()
+  const main = readFileSync(new URL('../dist/index.js', import.meta.url), 'utf8')
+  t.notMatch(main, /otel|opentelemetry/, 'the main entry never loads @opentelemetry/api')
 })
 
 t.test('the built plugin replays a response end to end', async (t) => {

@@ -27,8 +27,16 @@ import idempotency, {
   type RecordUpdate,
   type StoredResponse,
   type TrackOptions,
-  type TrackResult
+  type TrackResult,
+  type FoundRecord,
+  type ListPage,
+  type RequestIdentity,
+  type RequestMessage,
+  type SettleMessage,
+  requestChannel,
+  storeChannel
 } from 'fastify-idempotency'
+import { instrumentIdempotency } from 'fastify-idempotency/otel'
 
 const app = Fastify()
 
@@ -192,3 +200,26 @@ expectError(new RedisStore({ client: new IORedis({ lazyConnect: true }), timeout
 expectError(new RedisStore({}))
 expectAssignable<IdempotencyOptions>({ store: 'redis' })
 expectNotAssignable<IdempotencyOptions>({ store: 'postgres-please' })
+
+// The operator API on the decorator: identities as a person knows a request.
+const identity: RequestIdentity = { method: 'POST', route: '/orders/:id', params: { id: '42' }, key: 'abc', scope: 'user-1' }
+expectType<Awaitable<FoundRecord | undefined>>(app.idempotency.find(identity))
+expectType<Awaitable<boolean>>(app.idempotency.forget(identity))
+expectType<Awaitable<ListPage>>(app.idempotency.list({ state: 'halted', limit: 10 }))
+expectError(app.idempotency.list({ state: 'completed', limit: 10 }))
+expectError(app.idempotency.find({ method: 'POST', route: '/orders' }))
+expectType<string>(app.idempotency.keyOf(identity))
+
+// The channels and their messages.
+requestChannel.subscribe((message) => {
+  const { outcome, route, record } = message as RequestMessage
+  expectType<'executed' | 'takeover' | 'replayed' | 'conflict' | 'mismatch' | 'halted' | 'unavailable' | 'refused'>(outcome)
+  expectType<string>(route)
+  expectType<string | undefined>(record)
+})
+expectType<'completed' | 'halted' | 'released' | 'not-stored' | 'lost'>(({} as SettleMessage).outcome)
+expectType<boolean>(storeChannel.hasSubscribers)
+
+// fastify-idempotency/otel: an unsubscribe function.
+expectType<() => void>(instrumentIdempotency())
+expectError(instrumentIdempotency({ meter: 'default' }))
