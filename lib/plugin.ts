@@ -5,6 +5,7 @@ import { validatePluginOptions, type IdempotencyOptions, type IdempotencyRouteOp
 import { kTracked, type TrackedRequest } from './request.js'
 import { routeSettings, trackRoute, type RouteContext } from './route.js'
 import { MemoryStore } from './stores/memory.js'
+import { documentRoutes } from './swagger.js'
 import { PostgresStore, type PostgresPool } from './stores/postgres.js'
 import { RedisStore, type RedisClient } from './stores/redis.js'
 import type { IdempotencyStore } from './stores/store.js'
@@ -47,6 +48,7 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
   }
 
   fastify.decorate('idempotency', tracker)
+  const documentRoute = documentRoutes(fastify, context)
   fastify.decorateRequest('idempotencyKey', undefined)
   fastify.decorateRequest(kTracked, null)
 
@@ -68,6 +70,7 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     if (found === undefined) return
     for (const method of Array.isArray(route.method) ? route.method : [route.method]) tracked.add(`${method} ${route.url}`)
     trackRoute(route, found.route, found.onlyMethods, context)
+    documentRoute(route, found.route)
   })
 
   // One onSend hook for every route of this context, added when the plugin registers: it runs
