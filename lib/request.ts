@@ -253,10 +253,8 @@ export class TrackedRequest {
     return this.#record
   }
 
-  // Pino reads a getter only when it writes the line: a logger that is off never hashes the key.
   #logFields (outcome: RequestOutcome | SettleOutcome): object {
-    const tracked = this
-    return { idempotency: { outcome, route: this.route.url, get record () { return tracked.record } } }
+    return { idempotency: { outcome, route: this.route.url, record: this.record } }
   }
 
   #outcome (request: FastifyRequest, outcome: RequestOutcome, error?: Error): void {
@@ -267,7 +265,7 @@ export class TrackedRequest {
     // a conflict is a client retrying early. Both are routine: info. The rest say a client or a
     // request went wrong: warn.
     const level = outcome === 'replayed' || outcome === 'conflict' ? 'info' : outcome === 'executed' || outcome === 'takeover' ? 'debug' : 'warn'
-    request.log[level](this.#logFields(outcome), OUTCOME_MESSAGES[outcome])
+    if (logs(request.log, level)) request.log[level](this.#logFields(outcome), OUTCOME_MESSAGES[outcome])
   }
 
   #settled (request: FastifyRequest, outcome: SettleOutcome, reason: string, error: unknown): void {
@@ -305,8 +303,9 @@ export class TrackedRequest {
     const promise = result instanceof Promise ? result : Promise.resolve(result)
     const ended = (): void => {
       this.handlerDone = true
-      // Fastify sends what the handler resolved with after this: look once it has.
-      setImmediate(() => { this.#haltUnsent(reply) })
+      // Fastify sends what the handler resolved with after this: look once it has. While the
+      // connection is open, its close is what looks.
+      if (this.#closed) setImmediate(() => { this.#haltUnsent(reply) })
     }
     promise.then(ended, ended)
     return promise
@@ -364,6 +363,13 @@ export class TrackedRequest {
     if (!answeredAsProblem(this.context, request, reply, error)) throw error
     return reply
   }
+}
+
+// The fields of a log line are built before the call: built only for a level that is on. Fastify's
+// logger when logging is off has no level at all.
+function logs (log: FastifyRequest['log'], level: 'debug' | 'info' | 'warn'): boolean {
+  const withLevels = log as FastifyRequest['log'] & { isLevelEnabled?: (level: string) => boolean }
+  return typeof withLevels.isLevelEnabled === 'function' ? withLevels.isLevelEnabled(level) : withLevels.level !== undefined
 }
 
 function sendNoting (this: FastifyReply, payload?: unknown): FastifyReply {
