@@ -346,3 +346,21 @@ t.test('the memory store lists lapsed leases, pages by cursor, and starts again 
   t.strictSame(store.list({ limit: 5, cursor: 'k2' }).records.map((entry) => entry.key), ['k1', 'k3'], 'a record may be listed twice, never skipped')
   t.strictSame(store.list({ limit: 5, state: 'halted' }).records, [])
 })
+
+t.test('a logger without isLevelEnabled gets each outcome at its level', async (t) => {
+  const lines: Array<[string, unknown, string]> = []
+  const logger = {
+    level: 'info',
+    child () { return logger },
+    ...Object.fromEntries(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) => [level, (fields: unknown, message: string) => { lines.push([level, fields, message]) }]))
+  }
+  const app = Fastify({ loggerInstance: logger as never })
+  await app.register(idempotency)
+  t.teardown(() => app.close())
+  app.post('/orders', { config: { idempotency: true } }, async () => ({ ok: true }))
+  await app.inject({ method: 'POST', url: '/orders', headers: key('plain-logger'), payload: {} })
+  await app.inject({ method: 'POST', url: '/orders', headers: key('plain-logger'), payload: {} })
+  t.match(lines.filter(([, fields]) => (fields as { idempotency?: unknown })?.idempotency !== undefined), [
+    ['debug', { idempotency: { outcome: 'executed' } }], ['info', { idempotency: { outcome: 'replayed' } }]
+  ])
+})
