@@ -79,3 +79,21 @@ export function storageKey (identity: RequestIdentity, inProcess = false): strin
   const parts = [identity.method, identity.route, identity.constraints ?? {}, identity.params ?? {}, identity.scope, identity.key]
   return digestParts(parts, inProcess ? Infinity : 0)
 }
+
+// A RegExp (a route's host constraint) has no JSON of its own: written as a mark that reads back
+// as the same pattern, so that an identity a store kept names the same request again.
+const writePattern = (_name: string, value: unknown): unknown => value instanceof RegExp ? { $pattern: value.source, flags: value.flags } : value
+const readPattern = (_name: string, value: unknown): unknown => {
+  const pattern = value as { $pattern?: unknown, flags?: unknown } | null
+  return typeof pattern?.$pattern === 'string' && typeof pattern.flags === 'string' ? new RegExp(pattern.$pattern, pattern.flags) : value
+}
+
+/** JSON of a value that holds an identity, for a store outside this process. */
+export function identityJson (value: unknown): string {
+  return JSON.stringify(value, writePattern)
+}
+
+/** What `identityJson` wrote. */
+export function parseIdentityJson<Value> (text: string): Value {
+  return JSON.parse(text, readPattern) as Value
+}

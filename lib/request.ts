@@ -130,7 +130,8 @@ export class TrackedRequest {
    */
   noteError (reply: FastifyReply, error: Error): void {
     if (this.state === 'tracking') this.answeredEarly = true
-    if (this.state === 'settling' && this.#capture !== undefined) {
+    // A stream cut short by a client that left fails the capture by itself.
+    if (this.state === 'settling' && this.#capture !== undefined && (error as NodeJS.ErrnoException).code !== 'ERR_STREAM_PREMATURE_CLOSE') {
       // The error response replaces the stream, which is then never read.
       this.#captureDropped = true
       this.#capture.destroy()
@@ -292,7 +293,11 @@ export class TrackedRequest {
       this.handlerDone = true
       throw error
     }
-    if (result === undefined || result === reply) return reply
+    if (result === undefined || result === reply) {
+      // A connection that closed before the handler ran fires no close event for it to see.
+      if (this.#closed) this.#haltUnsent(reply)
+      return reply
+    }
     if (typeof (result as PromiseLike<unknown> | null)?.then !== 'function') {
       // Fastify sends it at once.
       this.handlerDone = true

@@ -116,7 +116,7 @@ export class RequestTracker {
   /** The live record of the request `identity` names, as an operator sees it; `undefined` when there is none. */
   find (identity: RequestIdentity): Awaitable<FoundRecord | undefined> {
     const key = this.keyOf(identity)
-    return step(() => this.#call('lookup', () => this.store.lookup(key)), (record) => {
+    return step(() => this.#call('lookup', () => this.store.lookup(key), withoutOrigin), (record) => {
       if (record === undefined) return undefined
       const response = record.response
       return {
@@ -134,9 +134,10 @@ export class RequestTracker {
   }
 
   /**
-   * Removes the record of the request `identity` names, in whatever state, because an operator
-   * decided (a halted request whose outcome is known): a retry then runs the handler. Answers
-   * whether there was one.
+   * Removes the record of the request `identity` names because an operator decided (a halted
+   * request whose outcome is known): a retry then runs the handler. A request that still runs (its
+   * lease is live) is left alone, since removing it would let a retry run beside it. Answers
+   * whether a record was removed.
    */
   forget (identity: RequestIdentity): Awaitable<boolean> {
     const store = this.store
@@ -155,7 +156,10 @@ export class RequestTracker {
     if (store.list === undefined) throw new StoreOperationMissingError('list')
     if (!Number.isInteger(query.limit) || query.limit < 1) throw new InvalidOptionError('list: limit must be a positive integer')
     if (query.state !== undefined && query.state !== 'halted' && query.state !== 'lapsed') throw new InvalidOptionError("list: state must be 'halted', 'lapsed' or undefined")
-    return this.#call('list', () => (store.list as (query: ListQuery) => Awaitable<ListPage>)(query))
+    return this.#call('list', () => (store.list as (query: ListQuery) => Awaitable<ListPage>)(query), (page) => ({
+      records: page.records.map(({ key, identity: _identity, ...record }) => ({ ...record, key: this.recordOf(key) })),
+      cursor: page.cursor
+    }))
   }
 
   /** The storage key of the request `identity` names, as the plugin builds it for that request. */
@@ -213,9 +217,15 @@ export class RequestTracker {
 
   // Every store operation, traced for whoever subscribes to the store channel. Traced, a store
   // that answers directly answers through a promise; untraced, it costs one check.
-  #call<Value> (operation: StoreOperation, run: () => Awaitable<Value>): Awaitable<Value> {
+  // `shown` is what the channel's context gets as the result: records without the request's
+  // identity, which holds the client's key.
+  #call<Value> (operation: StoreOperation, run: () => Awaitable<Value>, shown: (value: Value) => unknown = (value) => value): Awaitable<Value> {
     if (!storeChannel.hasSubscribers) return run()
-    return storeChannel.tracePromise(async () => await run(), { operation, store: this.#storeName })
+    let value: Value
+    return storeChannel.tracePromise(async () => {
+      value = await run()
+      return shown(value)
+    }, { operation, store: this.#storeName }).then(() => value)
   }
 
   #watch (key: string, owner: string, lease: number): void {
@@ -235,6 +245,12 @@ export class RequestTracker {
       this.#logger.warn({ err: error, record: this.recordOf(key) }, 'idempotency lease renewal failed; it is tried again at the next renewal')
     })
   }
+}
+
+function withoutOrigin (record: IdempotencyRecord | undefined): unknown {
+  if (record === undefined) return undefined
+  const { identity: _identity, ...shown } = record
+  return shown
 }
 
 function found (result: InsertResult & { inserted: false }, fingerprint: string): TrackResult {

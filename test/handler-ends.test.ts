@@ -6,10 +6,10 @@ import { buildApp } from './helpers/app.js'
 import { deferred, key, sleep } from './helpers/timing.js'
 
 // Waits for a record to reach a state, polling: no assertion on how long it takes.
-async function settledAs (app: FastifyInstance, route: string, clientKey: string, state: string): Promise<string | undefined> {
+async function settledAs (app: FastifyInstance, route: string, clientKey: string, state: string, scope?: string): Promise<string | undefined> {
   let found: string | undefined
   for (let attempt = 0; attempt < 500; attempt++) {
-    found = (await app.idempotency.find({ method: 'POST', route, key: clientKey }))?.state
+    found = (await app.idempotency.find({ method: 'POST', route, key: clientKey, scope }))?.state
     if (found === state) return found
     await sleep(10)
   }
@@ -168,5 +168,24 @@ t.test('a streamed response that an onSend hook after the plugin fails is halted
   t.equal(await settledAs(app, '/report', 'report', 'halted'), 'halted')
   const retry = await app.inject({ method: 'POST', url: '/report', headers: key('report'), payload: {} })
   t.equal(retry.json().code, 'FST_IDEMPOTENCY_HALTED')
+  t.equal(runs, 1)
+})
+
+t.test('a reply hijacked by a handler that runs after its client went away halts its record', async (t) => {
+  const app = await buildApp({ processingTtl: 60, scope: async () => { await sleep(50); return 'user' } })
+  t.teardown(() => app.close())
+  let runs = 0
+  const ran = deferred()
+  app.post('/work', { config: { idempotency: true } }, (request, reply) => {
+    runs++
+    reply.hijack()
+    reply.raw.end()
+    ran.resolve()
+  })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  // The client is gone while the scope still runs, before the handler.
+  await abandonedRequest((app.server.address() as { port: number }).port, 'early')
+  await ran.promise
+  t.equal(await settledAs(app, '/work', 'early', 'halted', 'user'), 'halted')
   t.equal(runs, 1)
 })

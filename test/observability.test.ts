@@ -332,7 +332,7 @@ t.test('a running request shows its lease to an operator, and a custom store wit
   t.throws(() => app.idempotency.list({ limit: 1, state: 'done' as never }), { message: /state must be 'halted', 'lapsed' or undefined/ })
 })
 
-t.test('the memory store lists lapsed leases, pages by cursor, and starts again when the cursor\'s record has gone', async (t) => {
+t.test('the memory store lists lapsed leases in the order they were created, and a record created again comes last', async (t) => {
   let clock = 1_000_000
   const store = new MemoryStore({ now: () => clock })
   const record = (createdAt: number) => ({ fingerprint: 'f', owner: `o${createdAt}`, expiresAt: clock + 60_000, lease: 10, takeOverExpiredLease: false, createdAt })
@@ -340,11 +340,38 @@ t.test('the memory store lists lapsed leases, pages by cursor, and starts again 
   clock += 20
   const first = store.list({ limit: 2 })
   t.strictSame(first.records.map((entry) => entry.key), ['k1', 'k2'])
-  t.equal(first.cursor, 'k2')
+  t.type(first.cursor, 'string')
   t.strictSame(store.list({ limit: 2, cursor: first.cursor }).records.map((entry) => entry.key), ['k3'])
-  store.remove('k2')
-  t.strictSame(store.list({ limit: 5, cursor: 'k2' }).records.map((entry) => entry.key), ['k1', 'k3'], 'a record may be listed twice, never skipped')
+  // An operator forgets k1; its client's retry creates it again, and its lease lapses too.
+  t.equal(store.remove('k1'), true)
+  store.insert('k1', record(4))
+  clock += 20
+  const next = store.list({ limit: 5, cursor: first.cursor })
+  t.strictSame(next.records.map((entry) => entry.key), ['k3', 'k1'], 'nothing after the cursor is skipped')
+  t.equal(next.cursor, undefined)
   t.strictSame(store.list({ limit: 5, state: 'halted' }).records, [])
+})
+
+t.test('an operator never removes a request that still runs, and the store channel never shows a client key', async (t) => {
+  const recorded = subscribe(t)
+  const { app } = await appWith(t, { processingTtl: 60_000 })
+  const running = deferred()
+  app.post('/orders', { config: { idempotency: true } }, async () => {
+    await running.promise
+    return { ok: true }
+  })
+  const first = app.inject({ method: 'POST', url: '/orders', headers: key(CLIENT_KEY), payload: {} })
+  await sleep(10)
+  const identity = { method: 'POST', route: '/orders', key: CLIENT_KEY }
+  t.equal(await app.idempotency.forget(identity), false, 'a live lease is left')
+  t.equal((await app.idempotency.find(identity))?.state, 'processing')
+  running.resolve()
+  t.equal((await first).statusCode, 200)
+  t.equal((await app.idempotency.find(identity))?.state, 'completed', 'its owner completed it')
+  await app.idempotency.list({ limit: 10 })
+  const contexts = recorded.store.map(({ context }) => JSON.stringify(context))
+  t.ok(contexts.some((context) => context.includes('"operation":"lookup"')) && contexts.some((context) => context.includes('"operation":"list"')))
+  t.notMatch(contexts.join('\n'), CLIENT_KEY, 'no traced result holds the client key')
 })
 
 t.test('a logger without isLevelEnabled gets each outcome at its level', async (t) => {

@@ -46,6 +46,8 @@ interface Entry {
   response: StoredResponse | undefined
   createdAt: number | undefined
   identity: RequestIdentity | undefined
+  /** The order of creation, which `list` pages by. */
+  sequence: number
 }
 
 const validateOptions = compileOptions(MemoryStoreOptionsSchema, { subject: 'MemoryStore', prefix: '' })
@@ -73,6 +75,7 @@ export class MemoryStore implements IdempotencyStore {
   #now: () => number
   #logger: WarningLogger | undefined
   #entries = new Map<string, Entry>()
+  #created = 0
   // Completed records, kept as lookups answer them.
   #completed: LRUCache<string, IdempotencyRecord>
   #evictedSinceWarning = 0
@@ -117,7 +120,8 @@ export class MemoryStore implements IdempotencyStore {
       leaseExpiresAt: now + record.lease,
       response: undefined,
       createdAt: record.createdAt,
-      identity: record.identity
+      identity: record.identity,
+      sequence: ++this.#created
     })
     return live ? TOOK_OVER : INSERTED
   }
@@ -138,31 +142,28 @@ export class MemoryStore implements IdempotencyStore {
   }
 
   remove (key: string): boolean {
-    const live = this.lookup(key) !== undefined
+    const record = this.lookup(key)
+    if (record === undefined || (record.state === 'processing' && !record.leaseExpired)) return false
     this.#completed.delete(key)
     this.#entries.delete(key)
-    return live
+    return true
   }
 
-  /**
-   * Halted records and processing ones whose lease lapsed, in the order they were created. The
-   * cursor is the last key of a page: a page after it starts from the beginning if that record
-   * has gone since, so a record may be listed twice but never skipped.
-   */
+  /** Halted records and processing ones whose lease lapsed, in the order they were created; the cursor is where a page ended. */
   list (query: ListQuery): ListPage {
     const now = this.#now()
-    const records: ListedRecord[] = []
-    let skipping = query.cursor !== undefined && this.#entries.has(query.cursor)
+    const after = query.cursor === undefined ? 0 : Number(query.cursor)
+    const found: Array<[string, Entry]> = []
     for (const [key, entry] of this.#entries) {
-      if (skipping) {
-        skipping = key !== query.cursor
-        continue
-      }
-      if (entry.expiresAt <= now || !listed(entry, query.state, now)) continue
-      if (records.length === query.limit) return { records, cursor: (records[records.length - 1] as ListedRecord).key }
-      records.push({ key, state: entry.state as ListedRecord['state'], leaseExpired: leaseLapsed(entry, now), expiresAt: entry.expiresAt, createdAt: entry.createdAt, identity: entry.identity })
+      if (entry.sequence > after && entry.expiresAt > now && listed(entry, query.state, now)) found.push([key, entry])
     }
-    return { records, cursor: undefined }
+    found.sort(([, a], [, b]) => a.sequence - b.sequence)
+    const page = found.slice(0, query.limit)
+    const records = page.map(([key, entry]): ListedRecord => ({
+      key, state: entry.state as ListedRecord['state'], leaseExpired: leaseLapsed(entry, now), expiresAt: entry.expiresAt, createdAt: entry.createdAt, identity: entry.identity
+    }))
+    const last = page[page.length - 1]
+    return { records, cursor: found.length > query.limit && last !== undefined ? String(last[1].sequence) : undefined }
   }
 
   update (key: string, owner: string, update: RecordUpdate): boolean {

@@ -1,7 +1,7 @@
 import Type from 'typebox'
 import { compileOptions, withDefault } from '../options-validator.js'
 import { withTimeout } from './timeout.js'
-import type { RequestIdentity } from '../key.js'
+import { identityJson, parseIdentityJson, type RequestIdentity } from '../key.js'
 import type {
   IdempotencyRecord,
   IdempotencyStore,
@@ -131,7 +131,7 @@ export class PostgresStore implements IdempotencyStore {
   }
 
   async insert (key: string, record: NewRecord): Promise<InsertResult> {
-    const values = [key, record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease, record.createdAt ?? null, record.identity === undefined ? null : JSON.stringify(record.identity)]
+    const values = [key, record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease, record.createdAt ?? null, record.identity === undefined ? null : identityJson(record.identity)]
     // A row committed by another transaction after this statement's snapshot was taken is not
     // seen by the statement's SELECT, though its INSERT conflicted with it: then nothing comes
     // back, and the statement runs again with a new snapshot.
@@ -157,7 +157,7 @@ export class PostgresStore implements IdempotencyStore {
     const record = toRecord(row)
     if (row.lease_ms !== null && row.lease_ms !== undefined) record.leaseExpiresAt = row.lease_ms
     if (record.state !== 'completed' && row.created_ms !== null && row.created_ms !== undefined) record.createdAt = row.created_ms
-    if (row.identity !== null && row.identity !== undefined) record.identity = JSON.parse(row.identity) as RequestIdentity
+    if (row.identity !== null && row.identity !== undefined) record.identity = parseIdentityJson<RequestIdentity>(row.identity)
     return record
   }
 
@@ -176,7 +176,7 @@ export class PostgresStore implements IdempotencyStore {
       leaseExpired: row.lease_expired === true,
       expiresAt: row.expires_ms as number,
       createdAt: row.created_ms ?? undefined,
-      identity: row.identity === null || row.identity === undefined ? undefined : JSON.parse(row.identity) as RequestIdentity
+      identity: row.identity === null || row.identity === undefined ? undefined : parseIdentityJson<RequestIdentity>(row.identity)
     }))
     const last = rows[query.limit - 1]
     return { records, cursor: rows.length > query.limit && last !== undefined ? JSON.stringify([last.created_text, last.key]) : undefined }
@@ -272,13 +272,15 @@ FROM attempt
 UNION ALL
 SELECT false, false, * FROM existing`,
     lookup: `SELECT false AS inserted, ${record}, ${origin} FROM ${table} WHERE key = $1 AND expires_at > now()`,
-    remove: `DELETE FROM ${table} WHERE key = $1 AND expires_at > now() RETURNING 1`,
+    remove: `DELETE FROM ${table} WHERE key = $1 AND expires_at > now()
+  AND NOT (state = 'processing' AND lease_expires_at > now()) RETURNING 1`,
     // $1: 'halted', 'lapsed' or NULL for both; ($2, $3): where the previous page ended.
-    // The cursor's time is the column's own text, exact to the microsecond.
-    list: `SELECT key, created_at::text AS created_text, ${record}, ${origin} FROM ${table}
+    // The cursor's time is in microseconds since the epoch: exact (extract gives a numeric from
+    // PostgreSQL 14), and free of the session's DateStyle and time zone.
+    list: `SELECT key, (extract(epoch FROM created_at) * 1000000)::bigint::text AS created_text, ${record}, ${origin} FROM ${table}
 WHERE state <> 'completed' AND expires_at > now()
   AND (CASE WHEN state = 'halted' THEN $1::text IS DISTINCT FROM 'lapsed' ELSE $1::text IS DISTINCT FROM 'halted' AND lease_expires_at <= now() END)
-  AND ($2::timestamptz IS NULL OR (created_at, key) > ($2::timestamptz, $3::text))
+  AND ($2::bigint IS NULL OR (created_at, key) > (timestamptz 'epoch' + $2::bigint * interval '1 microsecond', $3::text))
 ORDER BY created_at, key LIMIT $4`,
     renew: `UPDATE ${table} SET lease_expires_at = now() + $3::float8 * interval '1 millisecond',
   expires_at = greatest(expires_at, now() + $3::float8 * interval '1 millisecond')

@@ -1,5 +1,6 @@
 import Type from 'typebox'
 import { compileOptions, withDefault } from '../options-validator.js'
+import { identityJson, parseIdentityJson } from '../key.js'
 import { withTimeout } from './timeout.js'
 import type {
   IdempotencyRecord,
@@ -29,8 +30,12 @@ export interface RedisClient {
   /** `list` only: SCAN, on a single Redis. */
   scan? (cursor: string, match: 'MATCH', pattern: string, count: 'COUNT', keys: number): Promise<[cursor: string, keys: string[]]>
   /** `list` only: a Cluster's master nodes, each scanned in turn. */
-  nodes? (role: 'master'): Array<{ scan: NonNullable<RedisClient['scan']> }>
+  nodes? (role: 'master'): Scanner[]
+  /** ioredis's options: a `keyPrefix` there is put before every key, but not in SCAN. */
+  readonly options?: { keyPrefix?: string | undefined }
 }
+
+interface Scanner { scan: NonNullable<RedisClient['scan']> }
 
 const RedisStoreOptionsSchema = Type.Object({
   client: Type.Unsafe<RedisClient>(Type.Object({ defineCommand: Type.Function([], Type.Any()) }, {
@@ -86,7 +91,13 @@ local function answer (r)
   return 'l' .. sub(r, 2)
 end
 local function step (key, kind, a)
-  if kind == 'x' then return redis.call('DEL', key) end
+  if kind == 'x' then
+    local r = redis.call('GET', key)
+    -- A running record whose lease is live is left: its owner still runs.
+    if not r or byte(answer(r), 1) == 112 then return 0 end
+    redis.call('DEL', key)
+    return 1
+  end
   if kind == 'i' then
     local fingerprint, expiresAt = ARGV[a + 1], ARGV[a + 3]
     local r = redis.call('GET', key)
@@ -236,7 +247,7 @@ export class RedisStore implements IdempotencyStore {
 
   async insert (key: string, record: NewRecord): Promise<InsertResult> {
     // #lostInsert reads the owner and expiresAt back from argv[2] and argv[3].
-    const origin = record.identity === undefined && record.createdAt === undefined ? '' : JSON.stringify({ createdAt: record.createdAt, identity: record.identity })
+    const origin = record.identity === undefined && record.createdAt === undefined ? '' : identityJson({ createdAt: record.createdAt, identity: record.identity })
     const reply = await this.#step('insert', this.prefix + key,
       ['i', record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0, origin], 0)
     if (typeof reply === 'number') return reply === 2 ? TOOK_OVER : INSERTED
@@ -254,36 +265,45 @@ export class RedisStore implements IdempotencyStore {
 
   /**
    * SCANs the keys under the prefix (every master of a Cluster in turn) and reads each. The
-   * cursor names the node, its SCAN cursor and how many records of that batch a page took: a
-   * record may be listed twice, as SCAN may return a key twice, but one that stays is never skipped.
+   * cursor names the node, the SCAN cursor of the batch a page ended in, and the last key it took
+   * from that batch, which is scanned again from there: a record may be listed twice (SCAN may
+   * return a key twice, and a batch whose last key went is read again whole), never skipped.
    */
   async list (query: ListQuery): Promise<ListPage> {
     const client = this.#client as unknown as RedisClient
-    const nodes = client.isCluster === true ? (client.nodes as NonNullable<RedisClient['nodes']>)('master') : [client as { scan: NonNullable<RedisClient['scan']> }]
-    const [node = 0, start = '0', taken = 0] = (query.cursor ?? '').split(':').map((part, index) => index === 1 ? part : Number(part)) as [number, string, number]
-    const pattern = `${this.prefix.replace(/[*?[\]\\]/g, '\\$&')}*`
+    const nodes = client.isCluster === true ? (client.nodes as NonNullable<RedisClient['nodes']>)('master') : [client as Scanner]
+    const parts = query.cursor?.split(':') ?? []
+    // SCAN neither adds nor strips ioredis's own keyPrefix, as the client does for commands.
+    const prefix = (client.options?.keyPrefix ?? '') + this.prefix
+    const pattern = `${prefix.replace(/[*?[\]\\]/g, '\\$&')}*`
     const records: ListedRecord[] = []
-    for (let at = node, cursor = start, skip = taken; at < nodes.length;) {
-      const scanned = (nodes[at] as { scan: NonNullable<RedisClient['scan']> }).scan(cursor, 'MATCH', pattern, 'COUNT', SCAN_COUNT)
-      const [next, keys] = await withTimeout(scanned, this.timeout, `redis list timed out after ${this.timeout} ms`)
-      const found = await Promise.all(keys.map(async (key) => await this.#listed(key.slice(this.prefix.length), query.state)))
-      const batch = found.filter((record) => record !== undefined).slice(skip)
+    let after = parts.slice(2).join(':')
+    for (let at = Number(parts[0] ?? 0), cursor = parts[1] ?? '0'; at < nodes.length;) {
+      const scanned = (nodes[at] as Scanner).scan(cursor, 'MATCH', pattern, 'COUNT', SCAN_COUNT)
+      const [next, found] = await withTimeout(scanned, this.timeout, `redis list timed out after ${this.timeout} ms`)
+      const keys = found.map((key) => key.slice(prefix.length))
+      const resume = keys.indexOf(after)
+      const batch = (await Promise.all(keys.slice(resume + 1).map(async (key) => await this.#listed(key, query.state)))).filter((record) => record !== undefined)
       const room = query.limit - records.length
       if (batch.length > room) {
         records.push(...batch.slice(0, room))
-        return { records, cursor: `${at}:${cursor}:${skip + room}` }
+        return { records, cursor: `${at}:${cursor}:${(records[records.length - 1] as ListedRecord).key}` }
       }
       records.push(...batch)
-      skip = 0
+      after = ''
       if (next === '0') at++
-      cursor = next === '0' ? '0' : next
-      if (records.length === query.limit) return { records, cursor: at < nodes.length ? `${at}:${cursor}:0` : undefined }
+      cursor = next
+      if (records.length === query.limit) return { records, cursor: at < nodes.length ? `${at}:${cursor}:` : undefined }
     }
     return { records, cursor: undefined }
   }
 
   async #listed (key: string, state: ListQuery['state']): Promise<ListedRecord | undefined> {
-    const record = await this.lookup(key)
+    // A value under the prefix that this store did not write is not listed.
+    const record = await this.lookup(key).catch((error: unknown) => {
+      if (error instanceof Error && error.message === notARecord().message) return undefined
+      throw error
+    })
     if (record === undefined || record.state === 'completed') return undefined
     if (record.state === 'halted' ? state === 'lapsed' : state === 'halted' || !record.leaseExpired) return undefined
     return { key, state: record.state, leaseExpired: record.leaseExpired, expiresAt: record.expiresAt, createdAt: record.createdAt, identity: record.identity }
@@ -493,7 +513,7 @@ function withOrigin (record: IdempotencyRecord, reply: Buffer, fingerprintEnd: n
     originStart = ownerEnd === -1 ? reply.length : ownerEnd + 1
   }
   if (originStart >= reply.length) return
-  const origin = JSON.parse(reply.toString('utf8', originStart)) as Pick<IdempotencyRecord, 'createdAt' | 'identity'>
+  const origin = parseIdentityJson<Pick<IdempotencyRecord, 'createdAt' | 'identity'>>(reply.toString('utf8', originStart))
   if (origin.createdAt !== undefined) record.createdAt = origin.createdAt
   if (origin.identity !== undefined) record.identity = origin.identity
 }

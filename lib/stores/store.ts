@@ -131,7 +131,10 @@ export interface IdempotencyStore {
   delete (key: string, owner: string): Awaitable<boolean>
   /** Removes expired records; answers how many it removed. */
   prune (): Awaitable<number>
-  /** Deletes the record under `key` in whatever state, for an operator; answers whether there was one. */
+  /**
+   * Deletes the record under `key`, for an operator: completed, halted, or running with a lapsed
+   * lease, but never one whose owner still runs (a live lease); answers whether it deleted one.
+   */
   remove? (key: string): Awaitable<boolean>
   /** Records that need an operator's decision: halted ones, and processing ones whose lease lapsed. */
   list? (query: ListQuery): Awaitable<ListPage>

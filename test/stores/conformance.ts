@@ -567,18 +567,25 @@ export function runConformance (t: Test, target: ConformanceTarget): void {
       t.strictSame([completed?.identity, completed?.createdAt, completed?.leaseExpiresAt], [undefined, undefined, undefined], 'a completed record keeps no origin')
     })
 
-    t.test('remove deletes a record in any state, whoever owns it', async (t) => {
+    t.test('remove deletes a completed, halted or lapsed record, whoever owns it, and never one that still runs', async (t) => {
       const store = await open(t)
       const remove = store.remove?.bind(store)
       if (remove === undefined) throw new Error(`${target.name} store has no remove`)
+      const running = uniqueKey('remove-running')
+      const owner = record({ lease: LONG })
+      await store.insert(running, owner)
+      t.equal(await remove(running), false, 'a record whose lease is live is left')
+      t.equal((await store.lookup(running))?.state, 'processing')
+      t.equal(await store.update(running, owner.owner, { state: 'completed', response: response(), expiresAt: target.now() + LONG }), true, 'its owner still completes it')
       const states = ['processing', 'halted', 'completed'] as const
       for (const state of states) {
         const key = uniqueKey(`remove-${state}`)
-        const first = record()
+        const first = record({ lease: LEASE })
         await store.insert(key, first)
+        if (state === 'processing') await target.advance(PAST_LEASE)
         if (state === 'halted') await store.update(key, first.owner, { state, expiresAt: target.now() + LONG })
         if (state === 'completed') await store.update(key, first.owner, { state, response: response(), expiresAt: target.now() + LONG })
-        t.equal(await remove(key), true, `a ${state} record is removed`)
+        t.equal(await remove(key), true, `a ${state === 'processing' ? 'lapsed' : state} record is removed`)
         t.equal(await store.lookup(key), undefined, `the ${state} record is gone`)
         t.equal(await remove(key), false, `removing it again finds nothing`)
         t.strictSame(await store.insert(key, record()), { inserted: true }, `a new request after a removed ${state} record runs`)
@@ -625,6 +632,45 @@ export function runConformance (t: Test, target: ConformanceTarget): void {
       t.match(lapsed.get(keys.lapsed[0] as string), { state: 'processing', leaseExpired: true, identity: identity(keys.lapsed[0] as string) })
       const both = await all(undefined)
       t.strictSame([...both.keys()].sort(), [...keys.halted, ...keys.lapsed].sort(), 'by default: both')
+    })
+
+    t.test('list skips no record when others are removed between its pages', async (t) => {
+      const store = await open(t)
+      const list = store.list?.bind(store)
+      const remove = store.remove?.bind(store)
+      if (list === undefined || remove === undefined) throw new Error(`${target.name} store has no list or remove`)
+      const run = randomUUID()
+      const keys = ['a', 'b', 'c', 'd', 'e'].map((label) => uniqueKey(`paging-${run}-${label}`))
+      for (const key of keys) {
+        const first = record({ createdAt: target.now() })
+        await store.insert(key, first)
+        await store.update(key, first.owner, { state: 'halted', expiresAt: target.now() + LONG })
+      }
+      const seen = new Set<string>()
+      let cursor: string | undefined
+      for (let page = 0; page < 10_000; page++) {
+        const listed = await list({ state: 'halted', limit: 1, cursor })
+        for (const entry of listed.records) {
+          if (!entry.key.includes(run)) continue
+          seen.add(entry.key)
+          // The operator acts on each record as it is listed.
+          t.equal(await remove(entry.key), true)
+        }
+        cursor = listed.cursor
+        if (cursor === undefined) break
+      }
+      t.strictSame([...seen].sort(), [...keys].sort(), 'every record was listed')
+    })
+
+    t.test('an identity kept with a record reads back as the same request, a host pattern included', async (t) => {
+      const store = await open(t)
+      const key = uniqueKey('pattern')
+      const identity = { method: 'POST', route: '/orders', constraints: { host: /^(?<tenant>[a-z]+)\.example\.com$/i }, key: 'k' }
+      const first = record({ identity, createdAt: target.now() })
+      await store.insert(key, first)
+      const found = (await store.lookup(key))?.identity
+      t.ok(found?.constraints?.host instanceof RegExp, 'a RegExp again')
+      t.equal(String(found?.constraints?.host), String(identity.constraints.host))
     })
   })
 }

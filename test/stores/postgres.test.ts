@@ -12,15 +12,17 @@ t.test('ships the table as SQL: exported, as a file, and printed by the CLI', as
   t.match(POSTGRES_SCHEMA, /CREATE INDEX IF NOT EXISTS "idempotency_requests_expires_at" ON "idempotency_requests" \(expires_at\);/)
   t.match(POSTGRES_SCHEMA, /ON "idempotency_requests" \(lease_expires_at\) WHERE state = 'processing';/)
   t.equal(readFileSync(new URL('../../sql/idempotency_requests.sql', import.meta.url), 'utf8'), POSTGRES_SCHEMA, 'the file matches')
-  const cli = spawnSync(process.execPath, [new URL('../../dist/cli.js', import.meta.url).pathname, 'sql'], { encoding: 'utf8' })
+  const bin = new URL('../../dist/bin.js', import.meta.url).pathname
+  const cli = spawnSync(process.execPath, [bin, 'sql'], { encoding: 'utf8' })
   t.equal(cli.status, 0)
   t.equal(cli.stdout, POSTGRES_SCHEMA, 'npx fastify-idempotency sql prints it')
-  const named = spawnSync(process.execPath, [new URL('../../dist/cli.js', import.meta.url).pathname, 'sql', 'billing.requests'], { encoding: 'utf8' })
+  const named = spawnSync(process.execPath, [bin, 'sql', 'billing.requests'], { encoding: 'utf8' })
   t.equal(named.stdout, postgresSchema('billing.requests'))
   t.match(named.stdout, /CREATE TABLE IF NOT EXISTS "billing"."requests"/)
-  const usage = spawnSync(process.execPath, [new URL('../../dist/cli.js', import.meta.url).pathname], { encoding: 'utf8' })
+  const usage = spawnSync(process.execPath, [bin], { encoding: 'utf8' })
   t.equal(usage.status, 2)
-  t.match(usage.stderr, /usage: fastify-idempotency sql \[table\]/)
+  t.match(usage.stderr, /^usage: fastify-idempotency <command> \[flags\]\n/)
+  t.match(usage.stderr, /\n {2}sql \[table\] {3}print the SQL of the PostgreSQL store's table\n/)
 })
 
 t.test('PostgresStore rejects bad options, naming them', async (t) => {
