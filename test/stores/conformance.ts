@@ -587,7 +587,7 @@ export function runConformance (t: Test, target: ConformanceTarget): void {
         if (state === 'completed') await store.update(key, first.owner, { state, response: response(), expiresAt: target.now() + LONG })
         t.equal(await remove(key), true, `a ${state === 'processing' ? 'lapsed' : state} record is removed`)
         t.equal(await store.lookup(key), undefined, `the ${state} record is gone`)
-        t.equal(await remove(key), false, `removing it again finds nothing`)
+        t.equal(await remove(key), false, 'removing it again finds nothing')
         t.strictSame(await store.insert(key, record()), { inserted: true }, `a new request after a removed ${state} record runs`)
       }
     })
