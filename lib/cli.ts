@@ -3,7 +3,7 @@
 // `main` in this process.
 import { parseArgs } from 'node:util'
 import { RequestTracker, type TrackerLogger } from './tracker.js'
-import type { RequestIdentity } from './key.js'
+import { identityJson, type RequestIdentity } from './key.js'
 import type { IdempotencyStore, ListedRecord, ListQuery } from './stores/store.js'
 import { PostgresStore, postgresSchema } from './stores/postgres.js'
 import { RedisStore } from './stores/redis.js'
@@ -34,7 +34,8 @@ store (find, forget, list):
 request (find, forget):
   --method M --route R --key K   the method, the route as declared (prefix included), the client's key
   --param NAME=VALUE             a route parameter, as in request.params (once for each)
-  --constraint NAME=VALUE        a route constraint as declared, e.g. host=a.example.com (once for each)
+  --constraint NAME=VALUE        a route constraint as declared, e.g. host=a.example.com, or a
+                                 pattern as /source/flags, e.g. host=/^api\\./i (once for each)
   --scope S                      what the route's scope function returned, if it has one
 list:
   --state halted|lapsed   only those (default both)
@@ -44,7 +45,7 @@ list:
 exit codes: 0 done, 1 no live record, 2 usage error, 3 store unreachable or failed
 `
 
-const EXIT_FOUND = 0
+const EXIT_OK = 0
 const EXIT_NOT_FOUND = 1
 const EXIT_USAGE = 2
 const EXIT_STORE = 3
@@ -125,7 +126,7 @@ export async function main (argv: string[], io: CliIo): Promise<number> {
 async function run (argv: string[], io: CliIo): Promise<number> {
   if (asksForHelp(argv)) {
     io.stdout.write(USAGE)
-    return EXIT_FOUND
+    return EXIT_OK
   }
   const [command, ...rest] = argv
   if (command === undefined) {
@@ -178,7 +179,7 @@ function sql (args: string[], io: CliIo): number {
   const [table] = positionals
   if (table !== undefined) tableName(table)
   io.stdout.write(postgresSchema(table))
-  return EXIT_FOUND
+  return EXIT_OK
 }
 
 function tableName (table: string): string {
@@ -227,7 +228,7 @@ function identityOf (values: Values): RequestIdentity {
     method: (values.method as string).toUpperCase(),
     route: values.route as string,
     params: pairs('--param', values.param as string[] | undefined),
-    constraints: pairs('--constraint', values.constraint as string[] | undefined),
+    constraints: constraintsOf(pairs('--constraint', values.constraint as string[] | undefined)),
     key: values.key as string,
     scope: values.scope as string | undefined
   }
@@ -244,6 +245,21 @@ function pairs (flag: string, given: string[] | undefined): Record<string, strin
     result[name] = pair.slice(at + 1)
   }
   return result
+}
+
+// A route may declare a host pattern (a RegExp): written /source/flags, as no host or version starts with a slash.
+function constraintsOf (given: Record<string, string> | undefined): Record<string, string | RegExp> | undefined {
+  if (given === undefined) return undefined
+  const constraints: Record<string, string | RegExp> = {}
+  for (const [name, value] of Object.entries(given)) {
+    const pattern = /^\/(.+)\/([a-z]*)$/s.exec(value)
+    try {
+      constraints[name] = pattern === null ? value : new RegExp(pattern[1] as string, pattern[2])
+    } catch (error) {
+      throw new UsageError(`--constraint ${name}: ${(error as Error).message}`)
+    }
+  }
+  return constraints
 }
 
 function listQuery (values: Values): ListQuery {
@@ -319,27 +335,29 @@ async function find (tracker: RequestTracker, identity: RequestIdentity, io: Cli
     return EXIT_NOT_FOUND
   }
   io.stdout.write(`${JSON.stringify(found, null, 2)}\n`)
-  return EXIT_FOUND
+  return EXIT_OK
 }
 
 async function forget (tracker: RequestTracker, identity: RequestIdentity, io: CliIo): Promise<number> {
   if (!await tracker.forget(identity)) {
-    io.stderr.write(NOT_FOUND)
+    const running = await tracker.find(identity)
+    io.stderr.write(running === undefined ? NOT_FOUND : 'that request still runs (its lease is live): not removed\n')
     return EXIT_NOT_FOUND
   }
   io.stdout.write(`forgotten ${tracker.recordOf(tracker.keyOf(identity))}\n`)
-  return EXIT_FOUND
+  return EXIT_OK
 }
 
 async function list (tracker: RequestTracker, query: ListQuery, json: boolean, io: CliIo): Promise<number> {
   const { records, cursor } = await tracker.list(query)
   if (json) {
-    for (const record of records) io.stdout.write(`${JSON.stringify(record)}\n`)
+    // As the stores write identities: a host pattern (a RegExp) keeps its source.
+    for (const record of records) io.stdout.write(`${identityJson(record)}\n`)
   } else if (records.length > 0) {
     io.stdout.write(table([['STATE', 'SINCE', 'METHOD', 'ROUTE', 'PARAMS', 'SCOPE', 'KEY', 'RECORD'], ...records.map(row)]))
   }
   if (cursor !== undefined) io.stderr.write(`next page: --cursor ${shellQuoted(cursor)}\n`)
-  return EXIT_FOUND
+  return EXIT_OK
 }
 
 function row (record: ListedRecord): string[] {

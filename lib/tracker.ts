@@ -145,7 +145,7 @@ export class RequestTracker {
     const key = this.keyOf(identity)
     return step(() => this.#call('remove', () => (store.remove as (key: string) => Awaitable<boolean>)(key)), (removed) => {
       // Never the client's key: it may be all another client needs to get this response.
-      this.#logger.warn({ record: this.recordOf(key), method: identity.method, route: identity.route, removed }, 'idempotency record forgotten by an operator')
+      if (removed) this.#logger.warn({ record: this.recordOf(key), method: identity.method, route: identity.route }, 'idempotency record forgotten by an operator')
       return removed
     })
   }

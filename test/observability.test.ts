@@ -127,7 +127,7 @@ t.test('publishes a takeover, an unavailable store and a released or lost settle
   // The first request's lease lapses (its renewals fail), and a retry takes its record over.
   store.failing = new Set(['update'])
   const stalled = app.inject({ method: 'POST', url: '/jobs', headers: key('job'), payload: {} })
-  await sleep(120)
+  while ((await app.idempotency.find({ method: 'POST', route: '/jobs', key: 'job' }))?.leaseExpired !== true) await sleep(5)
   store.failing.clear()
   const takeover = await app.inject({ method: 'POST', url: '/jobs', headers: key('job'), payload: {} })
   t.equal(takeover.statusCode, 500, 'the taking request failed, and its record is released')
@@ -289,7 +289,7 @@ for (const { name, guard, open } of storeCases) {
     t.match(listed.records[0], { state: 'halted', identity: { method: 'POST', route: '/orders/:id', params: { id: '42' }, key: CLIENT_KEY, scope: 'user-1' } })
     t.equal((await app.idempotency.list({ state: 'lapsed', limit: 10 })).records.length, 0)
     t.equal(await app.idempotency.forget(listed.records[0]?.identity ?? identity), true, 'the listed identity names the record')
-    t.match(logs.lines.find((line) => line.msg === 'idempotency record forgotten by an operator'), { level: 40, record: found?.record, route: '/orders/:id', removed: true })
+    t.match(logs.lines.find((line) => line.msg === 'idempotency record forgotten by an operator'), { level: 40, record: found?.record, route: '/orders/:id' })
     t.equal(await app.idempotency.find(identity), undefined)
     const retry = await send()
     t.equal(retry.statusCode, 201)
