@@ -6,7 +6,7 @@ import type { FastifyRequest } from 'fastify'
  * - `executed`: it created the record and its handler ran;
  * - `takeover`: as `executed`, over a record whose owner's lease had lapsed (`releaseOnError`);
  * - `replayed`: it got the stored response;
- * - `conflict`: 409, the first request still runs;
+ * - `conflict`: 409, the first request still runs (after `wait`, when set);
  * - `mismatch`: 422, the key was used for another payload;
  * - `halted`: 500, the first request's outcome is unknown;
  * - `unavailable`: 503, the store could not answer;
@@ -38,6 +38,8 @@ export interface RequestMessage {
   record: string | undefined
   /** The plugin's error, for a refusal. */
   error?: Error
+  /** ms the request waited for the first one with its key (`wait`), when it did. */
+  waited?: number | undefined
 }
 
 /** A message of `fastify-idempotency.settle`. */

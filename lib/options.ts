@@ -34,7 +34,8 @@ export const RouteOptionsSchema = Type.Object({
   scope: Type.Optional(Scope),
   fingerprint: Type.Optional(FingerprintOption),
   maxResponseSize: Type.Optional(Type.Integer({ minimum: 0 })),
-  releaseOnError: Type.Optional(Type.Boolean())
+  releaseOnError: Type.Optional(Type.Boolean()),
+  wait: Type.Optional(Type.Integer({ minimum: 0, maximum: TIMER_MAX }))
 }, { additionalProperties: false })
 
 /** The plugin's options: the single source of their rules and defaults. */
@@ -61,7 +62,9 @@ export const PluginOptionsSchema = Type.Object({
     Type.Array(HeaderName),
     [...HOP_BY_HOP_HEADERS, 'date', 'content-length', 'set-cookie']
   )),
-  problemDetails: Type.Optional(withDefault(Type.Boolean(), false))
+  problemDetails: Type.Optional(withDefault(Type.Boolean(), false)),
+  wait: Type.Optional(Milliseconds(0, 0)),
+  maxWaiting: Type.Optional(withDefault(Type.Integer({ minimum: 0, maximum: TIMER_MAX }), 1000))
 }, { additionalProperties: false })
 
 export type IdempotencyOptions = Static<typeof PluginOptionsSchema>

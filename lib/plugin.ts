@@ -36,7 +36,8 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
     logger: fastify.log,
     cacheTtl: settings.cacheTtl,
     processingTtl: settings.processingTtl,
-    releaseOnError: settings.releaseOnError
+    releaseOnError: settings.releaseOnError,
+    maxWaiting: settings.maxWaiting
   })
   const context: RouteContext = {
     tracker,
@@ -61,6 +62,11 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
   fastify.addHook('onClose', async () => {
     clearInterval(pruneTimer)
     tracker.close()
+  })
+  // Before the server waits for the requests in flight: the duplicates that wait end at once.
+  fastify.addHook('preClose', (done) => {
+    tracker.endWaits()
+    done()
   })
 
   // Method and URL of every tracked route, to tell a route that opted in too late from one of ours.

@@ -46,13 +46,14 @@ const OUTCOME_MESSAGES: Record<RequestOutcome, string> = {
  * Where a tracked request stands:
  * - `checked`: its key header is valid; nothing asked of the store yet;
  * - `tracking`: the store is being asked;
+ * - `waiting`: a duplicate waits for the first request's outcome (`wait`);
  * - `owned`: it created the record and its handler runs;
  * - `settling`: its response reached onSend (or its end was seen), and the record is being settled;
  * - `settled`: the record is completed, halted or released, or the store failed to settle it;
  * - `replaying`: it gets the stored response;
  * - `refused`: it got one of the plugin's errors (409, 422, 500 halted, 415, 503).
  */
-export type TrackedState = 'checked' | 'tracking' | 'owned' | 'settling' | 'settled' | 'replaying' | 'refused'
+export type TrackedState = 'checked' | 'tracking' | 'waiting' | 'owned' | 'settling' | 'settled' | 'replaying' | 'refused'
 
 type Headers = ReturnType<FastifyReply['getHeaders']>
 type SendDone = (error: Error | null, payload?: unknown) => void
@@ -79,6 +80,10 @@ export class TrackedRequest {
   #replayed: StoredResponse | undefined
   #settleStarted = false
   #record: string | undefined
+  #fingerprint = ''
+  #identity: RequestIdentity | undefined
+  /** ms the request waited for the first one, once it did. */
+  #waited: number | undefined
   #closed = false
   #capture: Readable | undefined
   #captureDropped = false
@@ -116,7 +121,8 @@ export class TrackedRequest {
         replay(reply, result.response)
         return reply
       case 'processing':
-        return this.#refuse(request, reply, new ConflictError(), 'conflict')
+        if (this.route.wait === 0 || this.#waited !== undefined) return this.#refuse(request, reply, new ConflictError(), 'conflict')
+        return this.#wait(instance, handler, request, reply, result)
       case 'mismatch':
         return this.#refuse(request, reply, new MismatchError(), 'mismatch')
       case 'halted':
@@ -129,7 +135,7 @@ export class TrackedRequest {
    * onSend hook after the plugin's failing while a streamed response was being captured.
    */
   noteError (reply: FastifyReply, error: Error): void {
-    if (this.state === 'tracking') this.answeredEarly = true
+    if (this.state === 'tracking' || this.state === 'waiting') this.answeredEarly = true
     // A stream cut short by a client that left fails the capture by itself.
     if (this.state === 'settling' && this.#capture !== undefined && (error as NodeJS.ErrnoException).code !== 'ERR_STREAM_PREMATURE_CLOSE') {
       // The error response replaces the stream, which is then never read.
@@ -242,9 +248,31 @@ export class TrackedRequest {
   }
 
   #ask (request: FastifyRequest, fingerprint: string, identity: RequestIdentity): Awaitable<TrackResult> {
+    this.#fingerprint = fingerprint
+    this.#identity = identity
     return step(() => this.context.tracker.track(this.key, fingerprint, this.route.track, identity), (result) => result, (error) => {
       request.log.error({ ...this.#logFields('unavailable'), err: error, operation: 'insert' }, 'idempotency store failed while tracking the request')
       throw new StoreUnavailableError()
+    })
+  }
+
+  // A duplicate waits for the first request's outcome, then is answered as if it had just
+  // tracked: a replay, halted, or (the first released) it runs. Its client going away ends the wait.
+  #wait (instance: FastifyInstance, handler: RouteHandlerMethod, request: FastifyRequest, reply: FastifyReply, running: TrackResult): Promise<unknown> {
+    this.state = 'waiting'
+    const started = Date.now()
+    const controller = new AbortController()
+    const abort = (): void => { controller.abort() }
+    reply.raw.once('close', abort)
+    const waited = this.context.tracker.wait(this.key, this.#fingerprint, {
+      options: this.route.track, identity: this.#identity, running, ms: this.route.wait, signal: controller.signal
+    })
+    return waited.finally(() => {
+      reply.raw.removeListener('close', abort)
+      this.#waited = Date.now() - started
+    }).then((result) => this.#tracked(instance, handler, request, reply, result), (error: unknown) => {
+      request.log.error({ ...this.#logFields('unavailable'), err: error, operation: 'wait' }, 'idempotency store failed while a duplicate waited')
+      return this.#refuse(request, reply, new StoreUnavailableError(), 'unavailable')
     })
   }
 
@@ -260,7 +288,7 @@ export class TrackedRequest {
 
   #outcome (request: FastifyRequest, outcome: RequestOutcome, error?: Error): void {
     if (requestChannel.hasSubscribers) {
-      requestChannel.publish({ request, outcome, route: this.route.url, method: request.method, record: this.key === '' ? undefined : this.record, error })
+      requestChannel.publish({ request, outcome, route: this.route.url, method: request.method, record: this.key === '' ? undefined : this.record, error, waited: this.#waited })
     }
     // A replay is the retry support looks for when a client says it saw an operation twice;
     // a conflict is a client retrying early. Both are routine: info. The rest say a client or a

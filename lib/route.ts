@@ -16,6 +16,8 @@ export interface RouteSettings {
   scope: ScopeFunction | undefined
   fingerprint: FingerprintFunction | undefined
   maxResponseSize: number
+  /** ms a duplicate waits for the first request's outcome; 0: 409 at once. */
+  wait: number
   track: TrackOptions
 }
 
@@ -57,6 +59,7 @@ export function routeSettings (settings: PluginSettings, route: RouteOptions): {
       scope: overrides.scope ?? settings.scope,
       fingerprint: overrides.fingerprint ?? settings.fingerprint,
       maxResponseSize: overrides.maxResponseSize ?? settings.maxResponseSize,
+      wait: overrides.wait ?? settings.wait,
       track: {
         cacheTtl: overrides.cacheTtl ?? settings.cacheTtl,
         processingTtl: overrides.processingTtl ?? settings.processingTtl,

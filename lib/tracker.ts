@@ -3,6 +3,7 @@ import { step, type Awaitable } from './awaitable.js'
 import { storeChannel, type StoreOperation } from './diagnostics.js'
 import { InvalidOptionError, StoreOperationMissingError } from './errors.js'
 import { storageKey, type RequestIdentity } from './key.js'
+import { Waits, type Watch } from './waiting.js'
 import type { IdempotencyRecord, IdempotencyStore, InsertResult, ListPage, ListQuery, RecordUpdate, StoredResponse } from './stores/store.js'
 
 /** What `track` found, and so what the request should get. */
@@ -32,6 +33,16 @@ export interface TrackerLogger {
   warn (object: object, message: string): void
 }
 
+/** How `wait` waits: for how long, until what aborts it, and what `track` answered first. */
+export interface WaitOptions {
+  options?: TrackOptions
+  identity?: RequestIdentity | undefined
+  /** The `processing` answer of `track`, answered again when the wait ends without an outcome. */
+  running: TrackResult
+  ms: number
+  signal: AbortSignal
+}
+
 /** A record as `find` reports it to an operator. */
 export interface FoundRecord {
   /** The storage key's SHA-256 digest (base64url), as logs and diagnostics name the record. */
@@ -51,6 +62,8 @@ export interface FoundRecord {
 
 export interface RequestTrackerOptions extends TrackOptions {
   logger: TrackerLogger
+  /** Duplicates that may wait at once, in this tracker; beyond it `wait` answers at once. Default 1000. */
+  maxWaiting?: number
 }
 
 // Owner tokens are a random id drawn once per load of this module and a counter: unique across
@@ -88,12 +101,42 @@ export class RequestTracker {
   #storeName: string
   // In this process, one request at a time owns a key.
   #leases = new Map<string, Lease>()
+  #waits: Waits
+  #maxWaiting: number
+  #lastCrowdWarning = -Infinity
 
-  constructor (store: IdempotencyStore, { logger, ...defaults }: RequestTrackerOptions) {
+  constructor (store: IdempotencyStore, { logger, maxWaiting = 1000, ...defaults }: RequestTrackerOptions) {
     this.store = store
     this.defaults = Object.freeze(defaults)
     this.#logger = logger
     this.#storeName = store.name ?? store.constructor.name
+    this.#maxWaiting = maxWaiting
+    this.#waits = new Waits(store.watch === undefined ? undefined : (key, listener) => (store.watch as Watch)(key, listener), (key, result) => {
+      // Created for waiters that all left: given back, so that a retry runs.
+      Promise.resolve().then(() => this.release(key, result.owner)).catch((error: unknown) => {
+        this.#logger.warn({ err: error }, 'idempotency store failed to release a record no waiter claimed; it lapses with its lease')
+      })
+    })
+  }
+
+  /**
+   * Waits, up to `ms`, for the running request `running` was told of to finish, then answers as
+   * `track` would: the stored response, halted, or a record this request now owns (the first was
+   * released, or its lapsed lease taken over with `releaseOnError`). Answers `running` again when
+   * `ms` passes, `signal` aborts, or `maxWaiting` duplicates wait already. Rejects when the store
+   * fails, and when the tracker closes.
+   */
+  async wait (key: string, fingerprint: string, { options = this.defaults, identity, running, ms, signal }: WaitOptions): Promise<TrackResult> {
+    if (this.#waits.size >= this.#maxWaiting) {
+      const now = Date.now()
+      if (now - this.#lastCrowdWarning >= 60_000) {
+        this.#lastCrowdWarning = now
+        this.#logger.warn({ maxWaiting: this.#maxWaiting }, 'idempotency: maxWaiting duplicates wait already; more are answered 409 at once')
+      }
+      return running
+    }
+    const result = await this.#waits.wait(key, () => this.track(key, fingerprint, options, identity), ms, signal)
+    return result ?? running
   }
 
   /**
@@ -201,8 +244,22 @@ export class RequestTracker {
     return this.#call('prune', () => this.store.prune())
   }
 
-  /** Stops renewing leases; records of requests still running will expire with their lease. */
+  /** Duplicates that wait now. */
+  get waiting (): number {
+    return this.#waits.size
+  }
+
+  /** Ends every wait: each rejects. */
+  endWaits (): void {
+    this.#waits.close(new Error('the idempotency tracker closed while a duplicate waited'))
+  }
+
+  /**
+   * Stops renewing leases (records of requests still running will expire with their lease), and
+   * ends every wait.
+   */
   close (): void {
+    this.endWaits()
     for (const lease of this.#leases.values()) clearInterval(lease.timer)
     this.#leases.clear()
   }

@@ -138,6 +138,12 @@ export interface IdempotencyStore {
   remove? (key: string): Awaitable<boolean>
   /** Records that need an operator's decision: halted ones, and processing ones whose lease lapsed. */
   list? (query: ListQuery): Awaitable<ListPage>
+  /**
+   * Notifications, for duplicates that wait: calls `listener` (perhaps more than once, perhaps
+   * late, perhaps never: waiters look again on their own too) after the record under `key` is
+   * completed, halted or deleted; returns what stops it. A store without it is polled.
+   */
+  watch? (key: string, listener: () => void): () => void
   /** Named in the store's diagnostics: `memory`, `redis`, `postgres`. */
   readonly name?: string
   /** Releases what the store itself opened; clients passed in by the caller stay open. */

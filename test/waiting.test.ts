@@ -1,0 +1,296 @@
+import { request as httpRequest } from 'node:http'
+import { connect, type AddressInfo } from 'node:net'
+import t, { type Test } from 'tap'
+import Fastify, { type FastifyInstance } from 'fastify'
+import { Redis } from 'ioredis'
+import pg from 'pg'
+import idempotency, { MemoryStore, PostgresStore, RedisStore, RequestTracker, type IdempotencyOptions, type IdempotencyStore } from '../lib/index.js'
+import { logCollector } from './helpers/logs.js'
+import { requirePostgres, startPostgres } from './helpers/postgres-server.js'
+import { requireRedis, startRedis } from './helpers/redis-server.js'
+import { FaultyStore } from './helpers/stores.js'
+import { deferred, key, sleep } from './helpers/timing.js'
+
+interface Answer { status: number, body: string, replayed: boolean, retryAfter: string | undefined }
+
+function post (port: number, idempotencyKey: string, body = '{"amount":100}'): Promise<Answer> {
+  return new Promise((resolve, reject) => {
+    const request = httpRequest({
+      host: '127.0.0.1',
+      port,
+      method: 'POST',
+      path: '/orders',
+      headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...key(idempotencyKey) }
+    }, (response) => {
+      const chunks: Buffer[] = []
+      response.on('data', (chunk: Buffer) => chunks.push(chunk))
+      response.on('end', () => {
+        resolve({
+          status: response.statusCode ?? 0,
+          body: Buffer.concat(chunks).toString(),
+          replayed: response.headers['idempotent-replayed'] === 'true',
+          retryAfter: response.headers['retry-after'] as string | undefined
+        })
+      })
+    })
+    request.on('error', reject)
+    request.end(body)
+  })
+}
+
+async function appOn (t: Test, options: IdempotencyOptions, logger: object | boolean = false): Promise<FastifyInstance> {
+  const app = Fastify({ logger })
+  await app.register(idempotency, options)
+  t.teardown(() => app.close())
+  return app
+}
+
+// Three instances on real ports sharing one store, 200 concurrent requests with one key: the
+// handler runs once and every duplicate waits for its response.
+async function everyDuplicateGetsTheResponse (t: Test, stores: () => IdempotencyStore | undefined): Promise<void> {
+  let runs = 0
+  const ports: number[] = []
+  for (let index = 0; index < 3; index++) {
+    const store = stores()
+    const app = await appOn(t, { wait: 5000, ...(store === undefined ? {} : { store }) })
+    app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
+      runs++
+      await sleep(300)
+      return reply.code(201).send({ id: 'ord_1', instance: index })
+    })
+    await app.listen({ host: '127.0.0.1', port: 0 })
+    ports.push((app.server.address() as AddressInfo).port)
+  }
+  const idempotencyKey = `waited-${process.pid}-${Date.now()}`
+  const answers = await Promise.all(Array.from({ length: 200 }, (_, index) => post(ports[index % 3] as number, idempotencyKey)))
+  t.equal(runs, 1, 'the handler ran once')
+  t.strictSame([...new Set(answers.map((answer) => answer.status))], [201], 'no 409: every duplicate waited')
+  t.equal(new Set(answers.map((answer) => answer.body)).size, 1, 'one body, byte for byte')
+  t.equal(answers.filter((answer) => !answer.replayed).length, 1, 'one original, 199 replays')
+}
+
+t.test('200 duplicates in one process wait for the first response, on the memory store', async (t) => {
+  // One store for the three instances: one process.
+  const store = new MemoryStore()
+  await everyDuplicateGetsTheResponse(t, () => store)
+})
+
+t.test('200 duplicates over 3 instances sharing Redis wait for the first response', async (t) => {
+  if (!requireRedis(t)) return
+  const server = await startRedis()
+  const clients: Redis[] = []
+  t.teardown(async () => {
+    for (const client of clients) client.disconnect()
+    await server.stop()
+  })
+  await everyDuplicateGetsTheResponse(t, () => {
+    const client = new Redis({ host: '127.0.0.1', port: server.port })
+    clients.push(client)
+    return new RedisStore({ client })
+  })
+})
+
+t.test('200 duplicates over 3 instances sharing PostgreSQL wait for the first response', async (t) => {
+  if (!requirePostgres(t)) return
+  const server = await startPostgres()
+  const pool = new pg.Pool({ connectionString: server.connectionString, max: 20 })
+  t.teardown(async () => {
+    await pool.end()
+    await server.destroy()
+  })
+  await new PostgresStore({ pool, table: 'waiting_requests', createTable: true }).prune()
+  await everyDuplicateGetsTheResponse(t, () => new PostgresStore({ pool, table: 'waiting_requests' }))
+})
+
+async function owned (t: Test, options: IdempotencyOptions, behave: (runs: number) => Promise<unknown>) {
+  const logs = logCollector()
+  const app = await appOn(t, options, { level: 'warn', stream: logs.stream })
+  const state = { runs: 0 }
+  app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
+    state.runs++
+    const result = await behave(state.runs)
+    return reply.code(201).send(result)
+  })
+  const send = async (payload: object = { amount: 1 }) => await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload })
+  return { app, state, send, logs }
+}
+
+t.test('a duplicate gets 409 with Retry-After when wait passes first, and another payload gets 422 at once', async (t) => {
+  const first = deferred()
+  const { state, send } = await owned(t, { wait: 50 }, async () => { await first.promise; return { ok: true } })
+  const running = send()
+  await sleep(5)
+  const mismatch = await send({ amount: 2 })
+  t.equal(mismatch.json().code, 'FST_IDEMPOTENCY_MISMATCH', 'never waits')
+  const conflict = await send()
+  t.equal(conflict.json().code, 'FST_IDEMPOTENCY_CONFLICT')
+  t.equal(conflict.headers['retry-after'], '1')
+  first.resolve()
+  t.equal((await running).statusCode, 201)
+  t.equal(state.runs, 1)
+})
+
+t.test('a waiter gets 500 halted when the first request fails, and with releaseOnError exactly one waiter runs', async (t) => {
+  for (const releaseOnError of [false, true]) {
+    const first = deferred()
+    const { state, send } = await owned(t, { wait: 5000, releaseOnError }, async (runs) => {
+      if (runs === 1) {
+        await first.promise
+        throw new Error('the provider failed')
+      }
+      return { run: runs }
+    })
+    const running = send()
+    await sleep(5)
+    const waiters = Array.from({ length: 5 }, async () => await send())
+    await sleep(20)
+    first.resolve()
+    t.equal((await running).statusCode, 500)
+    const answers = await Promise.all(waiters)
+    if (releaseOnError) {
+      t.equal(state.runs, 2, 'released: one waiter ran the handler')
+      t.strictSame(answers.map((answer) => answer.statusCode), [201, 201, 201, 201, 201])
+      t.equal(new Set(answers.map((answer) => answer.body)).size, 1, 'the others got its response')
+    } else {
+      t.equal(state.runs, 1)
+      t.strictSame(answers.map((answer) => answer.json().code), Array(5).fill('FST_IDEMPOTENCY_HALTED'))
+    }
+  }
+})
+
+t.test('a waiter is told halted when the first request\'s lease lapses, or takes it over once with releaseOnError', async (t) => {
+  for (const releaseOnError of [false, true]) {
+    const store = new MemoryStore()
+    const stuck = deferred()
+    // The first instance is closed mid-request, as a killed one: it renews its lease no more.
+    const dead = await owned(t, { store, processingTtl: 30, releaseOnError }, async () => { await stuck.promise; return { run: 'dead' } })
+    const live = await owned(t, { store, wait: 5000, processingTtl: 30, releaseOnError }, async (runs) => ({ run: runs }))
+    const running = dead.send()
+    await sleep(5)
+    await dead.app.close()
+    const answers = await Promise.all(Array.from({ length: 3 }, async () => await live.send()))
+    if (releaseOnError) {
+      t.equal(live.state.runs, 1, 'one waiter took the lapsed record over')
+      t.strictSame(answers.map((answer) => answer.statusCode), [201, 201, 201])
+      t.equal(answers.filter((answer) => answer.headers['idempotent-replayed'] === 'true').length, 2, 'the others got its response')
+    } else {
+      t.equal(live.state.runs, 0)
+      t.strictSame(answers.map((answer) => answer.json().code), Array(3).fill('FST_IDEMPOTENCY_HALTED'))
+    }
+    stuck.resolve()
+    await running
+  }
+})
+
+t.test('a store without notifications is polled, and a store failure while waiting is a 503', async (t) => {
+  const store = new FaultyStore(new MemoryStore())
+  t.equal((store as IdempotencyStore).watch, undefined, 'this store cannot notify')
+  const first = deferred()
+  const { send } = await owned(t, { store, wait: 5000 }, async () => { await first.promise; return { ok: true } })
+  const running = send()
+  await sleep(5)
+  const polled = send()
+  await sleep(20)
+  first.resolve()
+  t.equal((await running).statusCode, 201)
+  const answer = await polled
+  t.equal(answer.statusCode, 201)
+  t.equal(answer.headers['idempotent-replayed'], 'true', 'a fallback lookup found the response')
+
+  const second = deferred()
+  const otherStore = new FaultyStore(new MemoryStore())
+  const other = await owned(t, { store: otherStore, wait: 5000 }, async () => { await second.promise; return { ok: true } })
+  const secondRunning = other.send()
+  await sleep(5)
+  const failing = other.send()
+  await sleep(5)
+  otherStore.failing = new Set(['insert'])
+  const unavailable = await failing
+  t.equal(unavailable.json().code, 'FST_IDEMPOTENCY_STORE_UNAVAILABLE')
+  t.equal(unavailable.headers['retry-after'], '5')
+  otherStore.failing.clear()
+  second.resolve()
+  await secondRunning
+})
+
+t.test('maxWaiting bounds the waiters; a waiter whose client went away frees its slot', async (t) => {
+  const first = deferred()
+  const logs = logCollector()
+  const app = await appOn(t, { wait: 60_000, maxWaiting: 1 }, { level: 'warn', stream: logs.stream })
+  let runs = 0
+  app.post('/orders', { config: { idempotency: true } }, async () => {
+    runs++
+    await first.promise
+    return { ok: true }
+  })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const port = (app.server.address() as AddressInfo).port
+  const running = post(port, 'crowded')
+  await sleep(20)
+  // A waiter over a socket that goes away.
+  const socket = connect({ host: '127.0.0.1', port })
+  const body = '{"amount":100}'
+  socket.write(`POST /orders HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nIdempotency-Key: crowded\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  let full: Answer | undefined
+  for (let attempt = 0; attempt < 200 && full === undefined; attempt++) {
+    await sleep(10)
+    const answer = await post(port, 'crowded')
+    if (answer.status === 409) full = answer
+  }
+  t.equal(full?.status, 409, 'past maxWaiting, a duplicate is answered at once')
+  t.equal(logs.lines.filter((line) => /maxWaiting duplicates wait already/.test(line.msg)).length, 1, 'and a warning is logged once')
+  socket.destroy()
+  await sleep(20)
+  const waiting = post(port, 'crowded')
+  await sleep(50)
+  first.resolve()
+  const answer = await waiting
+  t.equal(answer.status, 200, 'the slot was freed: this duplicate waited')
+  t.equal(answer.replayed, true)
+  t.equal((await running).status, 200)
+  t.equal(runs, 1)
+})
+
+t.test('app.close() ends every wait at once with 503 and leaves no wait behind', async (t) => {
+  const first = deferred()
+  const app = Fastify()
+  await app.register(idempotency, { wait: 2_147_483_647 })
+  app.post('/orders', { config: { idempotency: true } }, async () => {
+    await first.promise
+    return { ok: true }
+  })
+  const running = app.inject({ method: 'POST', url: '/orders', headers: key('closing'), payload: {} })
+  await sleep(5)
+  const waiters = Array.from({ length: 3 }, async () => await app.inject({ method: 'POST', url: '/orders', headers: key('closing'), payload: {} }))
+  await sleep(20)
+  const tracker = app.idempotency
+  await app.close()
+  const answers = await Promise.all(waiters)
+  t.strictSame(answers.map((answer) => [answer.statusCode, answer.json().code, answer.headers['retry-after']]), Array(3).fill([503, 'FST_IDEMPOTENCY_STORE_UNAVAILABLE', '5']))
+  t.equal(tracker.waiting, 0, 'no waiter is left')
+  first.resolve()
+  await running
+})
+
+t.test('a tracker gives back a record created for waiters that all left', async (t) => {
+  const store = new FaultyStore(new MemoryStore())
+  const tracker = new RequestTracker(store, { logger: { warn () {} }, cacheTtl: 60_000, processingTtl: 60_000, releaseOnError: false })
+  t.teardown(() => tracker.close())
+  const first = await tracker.track('k', 'f')
+  store.delays.set('insert', 30)
+  const controller = new AbortController()
+  const waited = tracker.wait('k', 'f', { running: { status: 'processing', expiresAt: 0 }, ms: 60_000, signal: controller.signal })
+  // While the wait's first check is on its way to the store, the owner releases and the waiter
+  // leaves: the check creates a record that no one is left to run.
+  while (store.calls.filter((call) => call.operation === 'insert').length < 2) await sleep(1)
+  await tracker.release('k', (first as { owner: string }).owner)
+  controller.abort()
+  t.equal((await waited).status, 'processing', 'an aborted wait answers what track said')
+  let record = store.inner.lookup('k')
+  for (let attempt = 0; attempt < 100 && record !== undefined; attempt++) {
+    await sleep(10)
+    record = store.inner.lookup('k')
+  }
+  t.equal(record, undefined, 'the record the last check created is given back: nothing holds the key')
+  t.equal(tracker.waiting, 0)
+})
