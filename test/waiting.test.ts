@@ -106,20 +106,27 @@ async function owned (t: Test, options: IdempotencyOptions, behave: (runs: numbe
   const logs = logCollector()
   const app = await appOn(t, options, { level: 'warn', stream: logs.stream })
   const state = { runs: 0 }
+  const first = deferred()
   app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
     state.runs++
+    first.resolve()
     const result = await behave(state.runs)
     return reply.code(201).send(result)
   })
   const send = async (payload: object = { amount: 1 }) => await app.inject({ method: 'POST', url: '/orders', headers: key('k'), payload })
-  return { app, state, send, logs }
+  // Once the first request runs, and once `count` duplicates wait.
+  const started = first.promise
+  const waiting = async (count: number): Promise<void> => {
+    while (app.idempotency.waiting < count) await sleep(1)
+  }
+  return { app, state, send, logs, started, waiting }
 }
 
 t.test('a duplicate gets 409 with Retry-After when wait passes first, and another payload gets 422 at once', async (t) => {
   const first = deferred()
-  const { state, send } = await owned(t, { wait: 50 }, async () => { await first.promise; return { ok: true } })
+  const { state, send, started } = await owned(t, { wait: 50 }, async () => { await first.promise; return { ok: true } })
   const running = send()
-  await sleep(5)
+  await started
   const mismatch = await send({ amount: 2 })
   t.equal(mismatch.json().code, 'FST_IDEMPOTENCY_MISMATCH', 'never waits')
   const conflict = await send()
@@ -133,7 +140,7 @@ t.test('a duplicate gets 409 with Retry-After when wait passes first, and anothe
 t.test('a waiter gets 500 halted when the first request fails, and with releaseOnError exactly one waiter runs', async (t) => {
   for (const releaseOnError of [false, true]) {
     const first = deferred()
-    const { state, send } = await owned(t, { wait: 5000, releaseOnError }, async (runs) => {
+    const { state, send, started, waiting } = await owned(t, { wait: 5000, releaseOnError }, async (runs) => {
       if (runs === 1) {
         await first.promise
         throw new Error('the provider failed')
@@ -141,9 +148,9 @@ t.test('a waiter gets 500 halted when the first request fails, and with releaseO
       return { run: runs }
     })
     const running = send()
-    await sleep(5)
+    await started
     const waiters = Array.from({ length: 5 }, async () => await send())
-    await sleep(20)
+    await waiting(5)
     first.resolve()
     t.equal((await running).statusCode, 500)
     const answers = await Promise.all(waiters)
@@ -162,11 +169,16 @@ t.test('a waiter is told halted when the first request\'s lease lapses, or takes
   for (const releaseOnError of [false, true]) {
     const store = new MemoryStore()
     const stuck = deferred()
+    const started = deferred()
     // The first instance is closed mid-request, as a killed one: it renews its lease no more.
-    const dead = await owned(t, { store, processingTtl: 30, releaseOnError }, async () => { await stuck.promise; return { run: 'dead' } })
+    const dead = await owned(t, { store, processingTtl: 30, releaseOnError }, async () => {
+      started.resolve()
+      await stuck.promise
+      return { run: 'dead' }
+    })
     const live = await owned(t, { store, wait: 5000, processingTtl: 30, releaseOnError }, async (runs) => ({ run: runs }))
     const running = dead.send()
-    await sleep(5)
+    await started.promise
     await dead.app.close()
     const answers = await Promise.all(Array.from({ length: 3 }, async () => await live.send()))
     if (releaseOnError) {
@@ -186,11 +198,11 @@ t.test('a store without notifications is polled, and a store failure while waiti
   const store = new FaultyStore(new MemoryStore())
   t.equal((store as IdempotencyStore).watch, undefined, 'this store cannot notify')
   const first = deferred()
-  const { send } = await owned(t, { store, wait: 5000 }, async () => { await first.promise; return { ok: true } })
+  const { send, started, waiting } = await owned(t, { store, wait: 5000 }, async () => { await first.promise; return { ok: true } })
   const running = send()
-  await sleep(5)
+  await started
   const polled = send()
-  await sleep(20)
+  await waiting(1)
   first.resolve()
   t.equal((await running).statusCode, 201)
   const answer = await polled
@@ -201,9 +213,9 @@ t.test('a store without notifications is polled, and a store failure while waiti
   const otherStore = new FaultyStore(new MemoryStore())
   const other = await owned(t, { store: otherStore, wait: 5000 }, async () => { await second.promise; return { ok: true } })
   const secondRunning = other.send()
-  await sleep(5)
+  await other.started
   const failing = other.send()
-  await sleep(5)
+  await other.waiting(1)
   otherStore.failing = new Set(['insert'])
   const unavailable = await failing
   t.equal(unavailable.json().code, 'FST_IDEMPOTENCY_STORE_UNAVAILABLE')
@@ -218,31 +230,33 @@ t.test('maxWaiting bounds the waiters; a waiter whose client went away frees its
   const logs = logCollector()
   const app = await appOn(t, { wait: 60_000, maxWaiting: 1 }, { level: 'warn', stream: logs.stream })
   let runs = 0
+  const started = deferred()
   app.post('/orders', { config: { idempotency: true } }, async () => {
     runs++
+    started.resolve()
     await first.promise
     return { ok: true }
   })
   await app.listen({ host: '127.0.0.1', port: 0 })
   const port = (app.server.address() as AddressInfo).port
+  const waiters = async (count: number): Promise<void> => {
+    while (app.idempotency.waiting !== count) await sleep(1)
+  }
   const running = post(port, 'crowded')
-  await sleep(20)
+  await started.promise
   // A waiter over a socket that goes away.
   const socket = connect({ host: '127.0.0.1', port })
   const body = '{"amount":100}'
   socket.write(`POST /orders HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nIdempotency-Key: crowded\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
-  let full: Answer | undefined
-  for (let attempt = 0; attempt < 200 && full === undefined; attempt++) {
-    await sleep(10)
-    const answer = await post(port, 'crowded')
-    if (answer.status === 409) full = answer
-  }
-  t.equal(full?.status, 409, 'past maxWaiting, a duplicate is answered at once')
+  await waiters(1)
+  const full = await post(port, 'crowded')
+  t.equal(full.status, 409, 'past maxWaiting, a duplicate is answered at once')
+  t.equal((await post(port, 'crowded')).status, 409)
   t.equal(logs.lines.filter((line) => /maxWaiting duplicates wait already/.test(line.msg)).length, 1, 'and a warning is logged once')
   socket.destroy()
-  await sleep(20)
+  await waiters(0)
   const waiting = post(port, 'crowded')
-  await sleep(50)
+  await waiters(1)
   first.resolve()
   const answer = await waiting
   t.equal(answer.status, 200, 'the slot was freed: this duplicate waited')
@@ -255,14 +269,16 @@ t.test('app.close() ends every wait at once with 503 and leaves no wait behind',
   const first = deferred()
   const app = Fastify()
   await app.register(idempotency, { wait: 2_147_483_647 })
+  const started = deferred()
   app.post('/orders', { config: { idempotency: true } }, async () => {
+    started.resolve()
     await first.promise
     return { ok: true }
   })
   const running = app.inject({ method: 'POST', url: '/orders', headers: key('closing'), payload: {} })
-  await sleep(5)
+  await started.promise
   const waiters = Array.from({ length: 3 }, async () => await app.inject({ method: 'POST', url: '/orders', headers: key('closing'), payload: {} }))
-  await sleep(20)
+  while (app.idempotency.waiting < 3) await sleep(1)
   const tracker = app.idempotency
   await app.close()
   const answers = await Promise.all(waiters)
@@ -293,4 +309,16 @@ t.test('a tracker gives back a record created for waiters that all left', async 
   }
   t.equal(record, undefined, 'the record the last check created is given back: nothing holds the key')
   t.equal(tracker.waiting, 0)
+})
+
+t.test('wait and maxWaiting are checked at registration and at route declaration, naming the option', async (t) => {
+  for (const [options, name] of [[{ wait: -1 }, 'wait'], [{ wait: 2 ** 31 }, 'wait'], [{ wait: 1.5 }, 'wait'], [{ maxWaiting: -1 }, 'maxWaiting']] as const) {
+    const app = Fastify()
+    await t.rejects(async () => { await app.register(idempotency, options as IdempotencyOptions) }, { code: 'FST_IDEMPOTENCY_INVALID_OPTION', message: new RegExp(name) })
+    await app.close()
+  }
+  const app = await appOn(t, {})
+  t.throws(() => app.post('/orders', { config: { idempotency: { wait: 'long' as never } } }, async () => ({})), {
+    code: 'FST_IDEMPOTENCY_INVALID_OPTION', message: /route POST \/orders: config\.idempotency\.wait/
+  })
 })
