@@ -1,5 +1,6 @@
 // One benchmark server in its own process:
-// `node benchmarks/server.js <bare|control|floor|floor-redis|memory|full|redis|postgres|before-memory|before-redis>`.
+// `node benchmarks/server.js <bare|control|floor|floor-redis|memory|full|redis|postgres|before-memory|before-redis>`,
+// each store variant also as `<variant>-wait` (duplicates wait 5 s for the first request instead of a 409).
 // It reports its port over IPC and answers { cpu } with its own CPU time, so the runner measures
 // only this process's work, not autocannon's.
 import Fastify from 'fastify'
@@ -11,11 +12,13 @@ const app = Fastify({ logger: false })
 // `before-*`: the plugin built from another version (the dist folder BENCH_BEFORE names), to
 // compare two versions in the same run.
 const before = variant.startsWith('before-')
+const waits = variant.endsWith('-wait')
+const storeName = (before ? variant.slice('before-'.length) : variant).replace(/-wait$/, '')
 const { default: idempotency, MemoryStore, PostgresStore, RedisStore } = await import(before ? `${process.env.BENCH_BEFORE}/index.js` : '../dist/index.js')
 
 // `control` is bare Fastify again, measured as a variant: its ratio to bare is the run's noise.
 if (!['bare', 'control', 'floor', 'floor-redis'].includes(variant)) {
-  await app.register(idempotency, { store: await storeFor(before ? variant.slice('before-'.length) : variant), required: false })
+  await app.register(idempotency, { store: await storeFor(storeName), required: false, ...(waits ? { wait: 5000 } : {}) })
 }
 
 async function createOrder (request, reply) {
@@ -25,6 +28,11 @@ async function createOrder (request, reply) {
 if (variant === 'floor') app.post('/orders', floorRoute(createOrder, mapRecords()))
 else if (variant === 'floor-redis') app.post('/orders', floorRoute(createOrder, redisRecords(redisClient())))
 else app.post('/orders', { config: { idempotency: true } }, createOrder)
+// For the `duplicates` scenario: an order that takes 20 ms, long enough for duplicates to meet it running.
+app.post('/slow-orders', { config: { idempotency: true } }, async (request, reply) => {
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  return createOrder(request, reply)
+})
 
 await app.listen({ host: '127.0.0.1', port: 0 })
 process.send({ port: app.server.address().port })

@@ -20,9 +20,19 @@ const body = JSON.stringify({ amount: 100, currency: 'EUR' })
 const prefix = `${process.pid}-${Date.now()}-`
 let next = 0
 
+// `duplicates`: this many requests in a row share a key, on a route whose handler takes 20 ms.
+const DUPLICATES = 50
+
 function request (scenario) {
   const base = { method: 'POST', path: '/orders', body, headers: { 'content-type': 'application/json' } }
   if (scenario === 'none') return [base]
+  if (scenario === 'duplicates') {
+    return [{
+      ...base,
+      path: '/slow-orders',
+      setupRequest: (req) => ({ ...req, headers: { ...req.headers, 'idempotency-key': `${prefix}duplicate-${Math.floor(next++ / DUPLICATES)}` } })
+    }]
+  }
   if (scenario === 'replay') return [{ ...base, headers: { ...base.headers, 'idempotency-key': `${prefix}replay` } }]
   return [{
     ...base,
@@ -83,7 +93,7 @@ function postgresCpu () {
 
 /** Starts `benchmarks/server.js <variant>` (and its private redis-server) in child processes. */
 export async function start (variant, { execArgv = [] } = {}) {
-  const usesRedis = variant.endsWith('redis')
+  const usesRedis = variant.replace(/-wait$/, '').endsWith('redis')
   const redis = usesRedis ? await startRedis() : undefined
   const env = { ...process.env, BENCH_REDIS_PORT: String(redis?.port), BENCH_DATABASE_URL: databaseUrl }
   const storeCpu = usesRedis ? () => redis.cpu() : variant === 'postgres' ? postgresCpu : () => 0
