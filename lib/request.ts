@@ -78,7 +78,6 @@ export class TrackedRequest {
   #headersBefore = {} as Headers
   #sentHeaders: Headers | undefined
   #replayed: StoredResponse | undefined
-  #settleStarted = false
   #record: string | undefined
   #fingerprint = ''
   #identity: RequestIdentity | undefined
@@ -197,13 +196,11 @@ export class TrackedRequest {
   }
 
   /**
-   * Settles an owned record, once, whoever asks first: completed with its response, halted (the
+   * Settles an owned record (once: every caller finds it owned, and settling ends that): completed with its response, halted (the
    * outcome is unknown, and retries are told so), or released (deleted, so that a retry runs the
    * handler, only where that cannot run it twice). Never fails: a store failure is logged.
    */
   settle (request: FastifyRequest, settlement: Settlement, reason: string, details: object = {}): Awaitable<void> {
-    if (this.#settleStarted) return
-    this.#settleStarted = true
     this.state = 'settling'
     const tracker = this.context.tracker
     return step(() => settlement.action === 'complete'
@@ -263,6 +260,8 @@ export class TrackedRequest {
     const started = Date.now()
     const controller = new AbortController()
     const abort = (): void => { controller.abort() }
+    // A client gone while the store was asked fires no close event for this listener.
+    if (reply.raw.destroyed) abort()
     reply.raw.once('close', abort)
     const waited = this.context.tracker.wait(this.key, this.#fingerprint, {
       options: this.route.track, identity: this.#identity, running, ms: this.route.wait, signal: controller.signal
@@ -288,7 +287,7 @@ export class TrackedRequest {
 
   #outcome (request: FastifyRequest, outcome: RequestOutcome, error?: Error): void {
     if (requestChannel.hasSubscribers) {
-      requestChannel.publish({ request, outcome, route: this.route.url, method: request.method, record: this.key === '' ? undefined : this.record, error, waited: this.#waited })
+      requestChannel.publish({ request, outcome, route: this.route.url, method: request.method, record: this.record, error, waited: this.#waited })
     }
     // A replay is the retry support looks for when a client says it saw an operation twice;
     // a conflict is a client retrying early. Both are routine: info. The rest say a client or a

@@ -63,7 +63,7 @@ export function exceeds (body: Buffer | string, limit: number): boolean {
  * Passes a stream's bytes on while it keeps a copy of up to `limit` bytes; `onEnd` runs before the
  * last bytes go on (so that the record is settled before the client sees the end of the body),
  * with the whole body, or `undefined` when it was larger than `limit`. `onError` is told when the
- * stream fails, or is cut short.
+ * stream fails, or is cut short, before its end: one of the two is told, once.
  */
 export function captureStream (
   source: Readable,
@@ -80,11 +80,15 @@ export function captureStream (
       callback(null, chunk)
     },
     flush (callback) {
+      ended = true
       step(() => onEnd(size > limit ? undefined : Buffer.concat(chunks, size), size), () => { callback() })
     }
   })
+  // The body was whole once flushed: a failure after that (the client leaving as the last bytes
+  // go) is not the stream's.
+  let ended = false
   pipeline(source, capture, (error) => {
-    if (error != null) onError(error)
+    if (error != null && !ended) onError(error)
   })
   return capture
 }

@@ -59,10 +59,12 @@ export class Waits {
   wait (key: string, check: Check, ms: number, signal: AbortSignal): Promise<TrackResult | undefined> {
     return new Promise((resolve, reject) => {
       const group = this.#groups.get(key) ?? this.#open(key, check)
+      // Once: a waiter is answered once, by its deadline, its signal, a check or close.
       const leave = (): void => {
+        group.waiters.delete(waiter)
+        this.size--
         clearTimeout(deadline)
         signal.removeEventListener('abort', timeUp)
-        if (group.waiters.delete(waiter)) this.size--
         if (group.waiters.size === 0) this.#end(group)
       }
       const waiter: Waiter = {
@@ -94,8 +96,8 @@ export class Waits {
     return group
   }
 
+  // Once, when its last waiter leaves.
   #end (group: Group): void {
-    if (this.#groups.get(group.key) !== group) return
     this.#groups.delete(group.key)
     clearTimeout(group.timer)
     group.unwatch()

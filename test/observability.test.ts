@@ -128,8 +128,9 @@ t.test('publishes a takeover, an unavailable store and a released or lost settle
   store.failing = new Set(['update'])
   const stalled = app.inject({ method: 'POST', url: '/jobs', headers: key('job'), payload: {} })
   while ((await app.idempotency.find({ method: 'POST', route: '/jobs', key: 'job' }))?.leaseExpired !== true) await sleep(5)
-  store.failing.clear()
+  // Renewals still fail, so the lapsed lease stays lapsed; releasing is a delete.
   const takeover = await app.inject({ method: 'POST', url: '/jobs', headers: key('job'), payload: {} })
+  store.failing.clear()
   t.equal(takeover.statusCode, 500, 'the taking request failed, and its record is released')
   first.resolve()
   await stalled
@@ -220,10 +221,11 @@ t.test('logs each outcome once in the request\'s own log, with the route, the ou
   t.notMatch(everything, 'response-body-secret', 'no log line holds a response body')
 })
 
-t.test('logs a store failure at error with the operation, and never hashes when the logger is off', async (t) => {
+t.test('logs a store failure at error with the operation', async (t) => {
   const store = new FaultyStore(new MemoryStore())
   const { app, logs } = await appWith(t, { store })
   app.post('/orders', { config: { idempotency: true } }, async () => ({ ok: true }))
+  app.post('/failing', { config: { idempotency: { releaseOnError: true } } }, async (request, reply) => await reply.code(500).send('failed'))
   store.failing = new Set(['insert'])
   await app.inject({ method: 'POST', url: '/orders', headers: key(CLIENT_KEY), payload: {} })
   t.match(logs.lines.find((line) => line.level === 50 && line.idempotency !== undefined), {
@@ -232,6 +234,9 @@ t.test('logs a store failure at error with the operation, and never hashes when 
   store.failing = new Set(['update'])
   await app.inject({ method: 'POST', url: '/orders', headers: key(`${CLIENT_KEY}-2`), payload: {} })
   t.match(logs.lines.filter((line) => line.level === 50).at(-1), { operation: 'update', idempotency: { outcome: 'not-stored' } })
+  store.failing = new Set(['delete'])
+  await app.inject({ method: 'POST', url: '/failing', headers: key(`${CLIENT_KEY}-3`), payload: {} })
+  t.match(logs.lines.filter((line) => line.level === 50).at(-1), { operation: 'delete', idempotency: { outcome: 'not-stored' } }, 'a release that failed')
   t.notMatch(logs.lines.map((line) => JSON.stringify(line)).join('\n'), CLIENT_KEY)
 })
 

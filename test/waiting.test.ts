@@ -1,3 +1,4 @@
+import diagnostics from 'node:diagnostics_channel'
 import { request as httpRequest } from 'node:http'
 import { connect, type AddressInfo } from 'node:net'
 import t, { type Test } from 'tap'
@@ -94,6 +95,8 @@ t.test('200 duplicates over 3 instances sharing PostgreSQL wait for the first re
   if (!requirePostgres(t)) return
   const server = await startPostgres()
   const pool = new pg.Pool({ connectionString: server.connectionString, max: 20 })
+  // The server's end tells idle clients first.
+  pool.on('error', () => {})
   t.teardown(async () => {
     await pool.end()
     await server.destroy()
@@ -321,4 +324,87 @@ t.test('wait and maxWaiting are checked at registration and at route declaration
   t.throws(() => app.post('/orders', { config: { idempotency: { wait: 'long' as never } } }, async () => ({})), {
     code: 'FST_IDEMPOTENCY_INVALID_OPTION', message: /route POST \/orders: config\.idempotency\.wait/
   })
+})
+
+// A store whose answers take a while and that notifies: a change told while a check is on its way.
+class SlowWatchedStore extends FaultyStore {
+  watch (key: string, listener: () => void): () => void {
+    return this.inner.watch(key, listener)
+  }
+}
+
+t.test('a change told while a check runs is checked again, and a failure to give back an unclaimed record is logged', async (t) => {
+  const store = new SlowWatchedStore(new MemoryStore())
+  const warnings: string[] = []
+  const tracker = new RequestTracker(store, { logger: { warn (_object, message) { warnings.push(message) } }, cacheTtl: 60_000, processingTtl: 60_000, releaseOnError: false })
+  t.teardown(() => tracker.close())
+  const first = await tracker.track('k', 'f') as { owner: string }
+  const other = await tracker.track('other', 'f') as { owner: string }
+  store.delays.set('insert', 30)
+  const controller = new AbortController()
+  const waited = tracker.wait('k', 'f', { running: { status: 'processing', expiresAt: 0 }, ms: 60_000, signal: controller.signal })
+  while (store.calls.filter((call) => call.operation === 'insert').length < 3) await sleep(1)
+  // Another key's change tells nobody here; this key's, while its check is on the way, is seen after it.
+  store.inner.update('other', other.owner, { state: 'halted', expiresAt: Date.now() + 60_000 })
+  store.inner.update('k', first.owner, { state: 'completed', response: { statusCode: 201, headers: {}, body: 'done' }, expiresAt: Date.now() + 60_000 })
+  t.match(await waited, { status: 'completed', response: { statusCode: 201 } })
+
+  // A record created for waiters that all left, which the store then fails to give back.
+  const again = await tracker.track('next', 'f') as { owner: string }
+  const leaving = new AbortController()
+  const left = tracker.wait('next', 'f', { running: { status: 'processing', expiresAt: 0 }, ms: 60_000, signal: leaving.signal })
+  const inserts = store.calls.filter((call) => call.operation === 'insert').length
+  while (store.calls.filter((call) => call.operation === 'insert').length === inserts) await sleep(1)
+  store.inner.delete('next', again.owner)
+  store.failing = new Set(['delete'])
+  leaving.abort()
+  await left
+  while (warnings.length === 0) await sleep(5)
+  t.match(warnings, [/failed to release a record no waiter claimed/])
+})
+
+t.test('a handler that answers with a plain value is stored and replayed', async (t) => {
+  const app = await appOn(t, { wait: 100 })
+  let runs = 0
+  app.post('/orders', { config: { idempotency: true } }, function () {
+    runs++
+    return { sync: true }
+  })
+  const first = await app.inject({ method: 'POST', url: '/orders', headers: key('plain'), payload: {} })
+  const retry = await app.inject({ method: 'POST', url: '/orders', headers: key('plain'), payload: {} })
+  t.same([first.json(), retry.json(), retry.headers['idempotent-replayed'], runs], [{ sync: true }, { sync: true }, 'true', 1])
+})
+
+t.test('a duplicate whose client left while the store was asked does not wait', async (t) => {
+  const messages: Array<{ outcome: string, waited?: number }> = []
+  const listener = (message: unknown): void => { messages.push(message as { outcome: string }) }
+  diagnostics.subscribe('fastify-idempotency.request', listener)
+  t.teardown(() => { diagnostics.unsubscribe('fastify-idempotency.request', listener) })
+  const first = deferred()
+  const started = deferred()
+  const app = await appOn(t, {
+    wait: 60_000,
+    scope: async (request) => {
+      if (request.headers['x-slow'] !== undefined) await sleep(50)
+      return 'user'
+    }
+  })
+  app.post('/orders', { config: { idempotency: true } }, async () => {
+    started.resolve()
+    await first.promise
+    return { ok: true }
+  })
+  await app.listen({ host: '127.0.0.1', port: 0 })
+  const port = (app.server.address() as AddressInfo).port
+  const running = post(port, 'gone-early')
+  await started.promise
+  const socket = connect({ host: '127.0.0.1', port }, () => {
+    socket.end('POST /orders HTTP/1.1\r\nHost: a\r\nX-Slow: 1\r\nContent-Type: application/json\r\nIdempotency-Key: gone-early\r\nContent-Length: 14\r\n\r\n{"amount":100}')
+    socket.destroy()
+  })
+  while (messages.length < 2) await sleep(5)
+  t.match(messages[1], { outcome: 'conflict' }, 'answered at once')
+  t.equal(app.idempotency.waiting, 0)
+  first.resolve()
+  t.equal((await running).status, 200)
 })

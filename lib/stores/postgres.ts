@@ -175,7 +175,7 @@ export class PostgresStore implements IdempotencyStore {
       state: row.state as ListedRecord['state'],
       leaseExpired: row.lease_expired === true,
       expiresAt: row.expires_ms as number,
-      createdAt: row.created_ms ?? undefined,
+      createdAt: row.created_ms as number,
       identity: row.identity === null || row.identity === undefined ? undefined : parseIdentityJson<RequestIdentity>(row.identity)
     }))
     const last = rows[query.limit - 1]

@@ -299,9 +299,10 @@ export class RedisStore implements IdempotencyStore {
   }
 
   async #listed (key: string, state: ListQuery['state']): Promise<ListedRecord | undefined> {
-    // A value under the prefix that this store did not write is not listed.
+    // A value under the prefix that this store did not write (or of another type) is not listed;
+    // a failure to reach Redis fails the listing.
     const record = await this.lookup(key).catch((error: unknown) => {
-      if (error instanceof Error && error.message === notARecord().message) return undefined
+      if (error instanceof Error && (error.message === notARecord().message || error.name === 'ReplyError')) return undefined
       throw error
     })
     if (record === undefined || record.state === 'completed') return undefined
