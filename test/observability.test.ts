@@ -54,6 +54,20 @@ function withoutRequest (message: RequestMessage | SettleMessage): string {
   return JSON.stringify({ ...rest, error: error instanceof Error ? { message: error.message, code: (error as { code?: string }).code } : error })
 }
 
+// A fresh key, its replay, another payload, a duplicate while the first runs, a failure and its retry.
+async function scriptedSequence (send: (clientKey: string, payload?: object) => Promise<unknown>, slow: { resolve: () => void }, started: { promise: Promise<void> }): Promise<void> {
+  await send(CLIENT_KEY)
+  await send(CLIENT_KEY)
+  await send(CLIENT_KEY, { other: true })
+  const running = send(`${CLIENT_KEY}-slow`, { slow: true })
+  await started.promise
+  await send(`${CLIENT_KEY}-slow`, { slow: true })
+  slow.resolve()
+  await running
+  await send(`${CLIENT_KEY}-fail`, { fail: true })
+  await send(`${CLIENT_KEY}-fail`, { fail: true })
+}
+
 async function appWith (t: Test, options: IdempotencyOptions = {}) {
   const logs = logCollector()
   const app = Fastify({ logger: { level: 'debug', stream: logs.stream } })
@@ -66,24 +80,19 @@ t.test('publishes each outcome once, with the route, the method and the record, 
   const recorded = subscribe(t)
   const { app } = await appWith(t, { processingTtl: 60_000 })
   const slow = deferred()
+  const started = deferred()
   app.post('/orders/:id', { config: { idempotency: true } }, async (request, reply) => {
-    if ((request.body as { slow?: boolean }).slow === true) await slow.promise
+    if ((request.body as { slow?: boolean }).slow === true) {
+      started.resolve()
+      await slow.promise
+    }
     if ((request.body as { fail?: boolean }).fail === true) throw new Error('boom')
     return reply.code(201).send({ ok: true })
   })
   const send = async (clientKey: string | undefined, payload: object = {}) => await app.inject({
     method: 'POST', url: '/orders/42', headers: clientKey === undefined ? {} : key(clientKey), payload
   })
-  await send(CLIENT_KEY)
-  await send(CLIENT_KEY)
-  await send(CLIENT_KEY, { other: true })
-  const running = send(`${CLIENT_KEY}-slow`, { slow: true })
-  await sleep(10)
-  await send(`${CLIENT_KEY}-slow`, { slow: true })
-  slow.resolve()
-  await running
-  await send(`${CLIENT_KEY}-fail`, { fail: true })
-  await send(`${CLIENT_KEY}-fail`, { fail: true })
+  await scriptedSequence(send, slow, started)
   await send(undefined)
   await app.inject({ method: 'POST', url: '/orders/42', headers: { 'idempotency-key': 'bad key' }, payload: {} })
 
@@ -188,23 +197,18 @@ t.test('a memory store traced answers through a promise, and untraced directly',
 t.test('logs each outcome once in the request\'s own log, with the route, the outcome and the record', async (t) => {
   const { app, logs } = await appWith(t)
   const slow = deferred()
+  const started = deferred()
   app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
     const body = request.body as { slow?: boolean, fail?: boolean }
-    if (body.slow === true) await slow.promise
+    if (body.slow === true) {
+      started.resolve()
+      await slow.promise
+    }
     if (body.fail === true) throw new Error('boom')
     return reply.code(201).send({ secret: 'response-body-secret' })
   })
   const send = async (clientKey: string, payload: object = {}) => await app.inject({ method: 'POST', url: '/orders', headers: key(clientKey), payload })
-  await send(CLIENT_KEY)
-  await send(CLIENT_KEY)
-  await send(CLIENT_KEY, { other: true })
-  const running = send(`${CLIENT_KEY}-slow`, { slow: true })
-  await sleep(10)
-  await send(`${CLIENT_KEY}-slow`, { slow: true })
-  slow.resolve()
-  await running
-  await send(`${CLIENT_KEY}-fail`, { fail: true })
-  await send(`${CLIENT_KEY}-fail`, { fail: true })
+  await scriptedSequence(send, slow, started)
   const ours = logs.lines.filter((line) => line.idempotency !== undefined)
   const outcomes = ours.map((line) => [(line.idempotency as { outcome: string }).outcome, line.level])
   t.strictSame(outcomes, [
