@@ -62,6 +62,8 @@ async function idempotencyPlugin (fastify: FastifyInstance, options: Idempotency
   fastify.addHook('onClose', async () => {
     clearInterval(pruneTimer)
     tracker.close()
+    // What the store opened itself (the Redis store's subscriber); clients passed in stay open.
+    await tracker.store.close?.()
   })
   // Before the server waits for the requests in flight: the duplicates that wait end at once.
   fastify.addHook('preClose', (done) => {

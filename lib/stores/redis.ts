@@ -33,6 +33,17 @@ export interface RedisClient {
   nodes? (role: 'master'): Scanner[]
   /** ioredis's options: a `keyPrefix` there is put before every key, but not in SCAN. */
   readonly options?: { keyPrefix?: string | undefined }
+  /** A connection of its own for `watch`'s subscriptions; without it, waiters look on their own. */
+  duplicate? (): Subscriber
+}
+
+/** What `watch` needs of the connection `duplicate()` gives. */
+interface Subscriber {
+  subscribe (channel: string): Promise<unknown>
+  unsubscribe (channel: string): Promise<unknown>
+  on (event: 'message', listener: (channel: string) => void): unknown
+  on (event: 'ready' | 'error', listener: () => void): unknown
+  disconnect (): void
 }
 
 interface Scanner { scan: NonNullable<RedisClient['scan']> }
@@ -66,7 +77,9 @@ export interface RedisStoreOptions {
 // to write with its expiry (SET PXAT, Redis 6.2), where a hash took three: per fresh key, four
 // commands instead of six. Leases are judged by Redis's own clock (TIME), so that app servers whose
 // clocks differ never disagree about them; a processing record whose lease lapsed is answered with
-// its first letter changed to l.
+// its first letter changed to l. A processing record that a duplicate waits for is marked P (and
+// answered L once lapsed): its completion, halt or deletion is published on a channel named by its
+// key, in the same step; an unmarked record's end publishes nothing.
 //
 // Every operation is one step of one script: KEYS[i] is step i's key, and ARGV holds each
 // step's kind followed by its arguments. The steps of one turn of the event loop go to Redis as
@@ -84,36 +97,49 @@ local function fields (r)
   local lengthEnd = find(r, '\\n', expiresEnd + 1, true)
   return expiresEnd, lengthEnd + tonumber(sub(r, expiresEnd + 1, lengthEnd - 1)), lengthEnd
 end
+local function running (b) return b == 112 or b == 80 end
 local function answer (r)
-  if byte(r, 1) ~= 112 then return r end
+  local b = byte(r, 1)
+  if not running(b) then return r end
   local _, fingerprintEnd = fields(r)
   if tonumber(sub(r, fingerprintEnd + 1, find(r, '\\n', fingerprintEnd + 1, true) - 1)) > now then return r end
-  return 'l' .. sub(r, 2)
+  return (b == 80 and 'L' or 'l') .. sub(r, 2)
+end
+-- The end of a record that a duplicate waits for is told on the channel named by its key.
+local function told (key, r)
+  if byte(r, 1) == 80 then redis.call('PUBLISH', key, '') end
 end
 local function step (key, kind, a)
   if kind == 'x' then
     local r = redis.call('GET', key)
     -- A running record whose lease is live is left: its owner still runs.
-    if not r or byte(answer(r), 1) == 112 then return 0 end
+    if not r or running(byte(answer(r), 1)) then return 0 end
     redis.call('DEL', key)
+    told(key, r)
+    return 1
+  end
+  if kind == 'w' then
+    local r = redis.call('GET', key)
+    if r and byte(r, 1) == 112 then redis.call('SET', key, 'P' .. sub(r, 2), 'KEEPTTL') end
     return 1
   end
   if kind == 'i' then
     local fingerprint, expiresAt = ARGV[a + 1], ARGV[a + 3]
     local r = redis.call('GET', key)
     if r then r = answer(r) end
-    local takeOver = r and byte(r, 1) == 108 and ARGV[a + 5] == '1'
+    local takeOver = r and (byte(r, 1) == 108 or byte(r, 1) == 76) and ARGV[a + 5] == '1'
     if takeOver then
       local _, fingerprintEnd, lengthEnd = fields(r)
       takeOver = sub(r, lengthEnd + 1, fingerprintEnd) == fingerprint
     end
     if r and not takeOver then return r end
-    redis.call('SET', key, 'p\\n' .. expiresAt .. '\\n' .. #fingerprint .. '\\n' .. fingerprint .. (now + tonumber(ARGV[a + 4])) .. '\\n' .. ARGV[a + 2] .. '\\n' .. ARGV[a + 6], 'PXAT', expiresAt)
+    -- Who waited for the lapsed record waits for the one taking it over.
+    redis.call('SET', key, (takeOver and byte(r, 1) == 76 and 'P' or 'p') .. '\\n' .. expiresAt .. '\\n' .. #fingerprint .. '\\n' .. fingerprint .. (now + tonumber(ARGV[a + 4])) .. '\\n' .. ARGV[a + 2] .. '\\n' .. ARGV[a + 6], 'PXAT', expiresAt)
     return takeOver and 2 or 1
   end
   local r = redis.call('GET', key)
   if kind == 'l' then return r and answer(r) or 0 end
-  if not r or byte(r, 1) ~= 112 then return 0 end
+  if not r or not running(byte(r, 1)) then return 0 end
   local expiresEnd, fingerprintEnd = fields(r)
   local leaseEnd = find(r, '\\n', fingerprintEnd + 1, true)
   local ownerEnd = find(r, '\\n', leaseEnd + 1, true)
@@ -123,16 +149,18 @@ local function step (key, kind, a)
   elseif kind == 'r' then
     local lease = now + tonumber(ARGV[a + 2])
     local expiresAt = math.max(tonumber(sub(r, 3, expiresEnd - 1)), lease)
-    redis.call('SET', key, 'p\\n' .. expiresAt .. sub(r, expiresEnd, fingerprintEnd) .. lease .. sub(r, leaseEnd), 'PXAT', expiresAt)
+    redis.call('SET', key, sub(r, 1, 2) .. expiresAt .. sub(r, expiresEnd, fingerprintEnd) .. lease .. sub(r, leaseEnd), 'PXAT', expiresAt)
+    return 1
   elseif kind == 'h' then
     redis.call('SET', key, 'h\\n' .. ARGV[a + 2] .. sub(r, expiresEnd, fingerprintEnd) .. (ownerEnd and sub(r, ownerEnd + 1) or ''), 'PXAT', ARGV[a + 2])
   else
     redis.call('SET', key, 'c\\n' .. ARGV[a + 2] .. sub(r, expiresEnd, fingerprintEnd) .. ARGV[a + 3] .. '\\n' .. ARGV[a + 4] .. '\\n' .. ARGV[a + 5], 'PXAT', ARGV[a + 2])
   end
+  told(key, r)
   return 1
 end
 -- How many ARGV each kind of step takes, its kind included.
-local sizes = {i = 7, l = 1, d = 2, r = 3, h = 3, c = 6, x = 1}
+local sizes = {i = 7, l = 1, d = 2, r = 3, h = 3, c = 6, x = 1, w = 1}
 -- A step that fails (a key of another type, a value this store did not write) fails alone.
 for i = 1, #KEYS do
   local kind = ARGV[a]
@@ -187,8 +215,9 @@ interface ScriptedClient {
 
 const NEWLINE = 0x0a
 // A record's first byte: its state, or l for a processing record whose lease lapsed.
-const STATES: Partial<Record<number, RecordState>> = { 0x70: 'processing', 0x6c: 'processing', 0x63: 'completed', 0x68: 'halted' }
-const LEASE_LAPSED = 0x6c
+const STATES: Partial<Record<number, RecordState>> = { 0x70: 'processing', 0x50: 'processing', 0x6c: 'processing', 0x4c: 'processing', 0x63: 'completed', 0x68: 'halted' }
+// l, or L for a marked one.
+const leaseLapsed = (first: number | undefined): boolean => first === 0x6c || first === 0x4c
 const notARecord = (): Error => new Error('redis record is not one this store wrote')
 const INSERTED: InsertResult = Object.freeze({ inserted: true })
 const TOOK_OVER: InsertResult = Object.freeze({ inserted: true, tookOver: true })
@@ -236,6 +265,9 @@ export class RedisStore implements IdempotencyStore {
   #retrying: Undo[] = []
   #undoWhenReady = false
   #undoRetry: ReturnType<typeof setTimeout> | undefined
+  // Who waits for which key's record, by channel: the store's connection for them, opened on first use.
+  #subscriber: Subscriber | undefined
+  #watchers = new Map<string, Set<() => void>>()
   constructor (options: RedisStoreOptions) {
     const settings = validateOptions(options)
     this.prefix = settings.prefix
@@ -331,6 +363,59 @@ export class RedisStore implements IdempotencyStore {
     return await this.#step('delete', this.prefix + key, ['d', owner], 0) === 1
   }
 
+  /**
+   * Tells `listener` when the record under `key` completes, halts or is deleted: the key's channel
+   * is subscribed to, then the record marked, so that its end is published; then the listener is
+   * told once, since the end may have come before the mark. A reconnect tells every listener, as
+   * messages may have been lost meanwhile. Waiters look again on their own too.
+   */
+  watch (key: string, listener: () => void): () => void {
+    const client = this.#client as unknown as RedisClient
+    if (client.duplicate === undefined) return ignore
+    const channel = (client.options?.keyPrefix ?? '') + this.prefix + key
+    let listeners = this.#watchers.get(channel)
+    if (listeners === undefined) {
+      listeners = new Set()
+      this.#watchers.set(channel, listeners)
+      const watching = listeners
+      const subscriber = this.#subscriber ?? this.#subscribe((client.duplicate as () => Subscriber).bind(client))
+      subscriber.subscribe(channel).then(() => this.#step('watch', this.prefix + key, ['w'], 0)).then(() => {
+        for (const told of watching) told()
+      }, ignore)
+    }
+    const watching = listeners
+    watching.add(listener)
+    return () => {
+      watching.delete(listener)
+      if (watching.size > 0) return
+      this.#watchers.delete(channel)
+      this.#subscriber?.unsubscribe(channel).catch(ignore)
+    }
+  }
+
+  /** Closes the connection `watch` opened; the client passed in stays open. */
+  close (): void {
+    this.#subscriber?.disconnect()
+    this.#subscriber = undefined
+    this.#watchers.clear()
+  }
+
+  #subscribe (duplicate: () => Subscriber): Subscriber {
+    const subscriber = duplicate()
+    this.#subscriber = subscriber
+    subscriber.on('message', (channel) => {
+      this.#watchers.get(channel)?.forEach((told) => { told() })
+    })
+    let connected = false
+    subscriber.on('ready', () => {
+      if (connected) for (const listeners of this.#watchers.values()) for (const told of listeners) told()
+      connected = true
+    })
+    // A failed connection is retried by ioredis; the waiters look again on their own meanwhile.
+    subscriber.on('error', ignore)
+    return subscriber
+  }
+
   /** Redis expires records itself. */
   async prune (): Promise<number> {
     return 0
@@ -361,7 +446,7 @@ export class RedisStore implements IdempotencyStore {
       state,
       fingerprint: reply.toString('utf8', lengthEnd + 1, fingerprintEnd),
       expiresAt: Number(reply.toString('latin1', 2, expiresEnd)),
-      leaseExpired: reply[0] === LEASE_LAPSED,
+      leaseExpired: leaseLapsed(reply[0]),
       response
     }
     if (details && state !== 'completed') withOrigin(record, reply, fingerprintEnd)

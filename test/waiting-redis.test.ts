@@ -1,0 +1,133 @@
+import t, { type Test } from 'tap'
+import Fastify, { type FastifyInstance } from 'fastify'
+import { Redis } from 'ioredis'
+import idempotency, { RedisStore, type IdempotencyOptions } from '../lib/index.js'
+import { redisCommand, requireRedis, startRedis, type RedisServer } from './helpers/redis-server.js'
+import { deferred, key, sleep } from './helpers/timing.js'
+
+interface Setup {
+  server: RedisServer
+  app: FastifyInstance
+  runs: () => number
+  started: Promise<void>
+  finish: () => void
+  send: (clientKey: string) => Promise<Awaited<ReturnType<FastifyInstance['inject']>>>
+}
+
+// One app on a private Redis, whose first request with a key runs until `finish`.
+async function setup (t: Test, options: IdempotencyOptions = {}, keyPrefix?: string): Promise<Setup> {
+  const server = await startRedis()
+  const client = new Redis({ host: '127.0.0.1', port: server.port, maxRetriesPerRequest: 1, ...(keyPrefix === undefined ? {} : { keyPrefix }) })
+  client.on('error', () => {})
+  const app = Fastify()
+  await app.register(idempotency, { store: new RedisStore({ client, timeout: 500 }), wait: 10_000, ...options })
+  t.teardown(async () => {
+    await app.close()
+    client.disconnect()
+    await server.stop()
+  })
+  let runs = 0
+  const started = deferred()
+  const finish = deferred()
+  app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
+    runs++
+    started.resolve()
+    await finish.promise
+    return reply.code(201).send({ id: 'ord_1' })
+  })
+  const send = async (clientKey: string) => await app.inject({ method: 'POST', url: '/orders', headers: key(clientKey), payload: { amount: 1 } })
+  return { server, app, runs: () => runs, started: started.promise, finish: finish.resolve, send }
+}
+
+async function waiters (app: FastifyInstance, count: number): Promise<void> {
+  while (app.idempotency.waiting !== count) await sleep(1)
+}
+
+t.test('Redis publishes the end of a record a duplicate waits for, and nothing for one nobody waits for', async (t) => {
+  if (!requireRedis(t)) return
+  const { server, app, started, finish, send } = await setup(t)
+  const listener = new Redis({ host: '127.0.0.1', port: server.port })
+  t.teardown(() => { listener.disconnect() })
+  const told: string[] = []
+  listener.on('pmessage', (_pattern: string, channel: string) => { told.push(channel) })
+  await listener.psubscribe('idem:*')
+
+  // Nobody waits: its end is not published.
+  finish()
+  t.equal((await send('alone')).statusCode, 201)
+  const first = await Promise.resolve(app.idempotency.find({ method: 'POST', route: '/orders', key: 'alone' }))
+  t.equal(first?.state, 'completed')
+
+  // A duplicate waits for another key: its end is.
+  const other = await setup(t)
+  const otherListener = new Redis({ host: '127.0.0.1', port: other.server.port })
+  t.teardown(() => { otherListener.disconnect() })
+  const otherTold: string[] = []
+  otherListener.on('pmessage', (_pattern: string, channel: string) => { otherTold.push(channel) })
+  await otherListener.psubscribe('idem:*')
+  const running = other.send('waited')
+  await other.started
+  const duplicate = other.send('waited')
+  await waiters(other.app, 1)
+  // The mark is set once the subscription is.
+  while ((await redisCommand(other.server.port, 'GET', `idem:${other.app.idempotency.keyOf({ method: 'POST', route: '/orders', key: 'waited' })}`) as string)[0] !== 'P') await sleep(5)
+  other.finish()
+  t.equal((await running).statusCode, 201)
+  const replay = await duplicate
+  t.equal(replay.statusCode, 201)
+  t.equal(replay.headers['idempotent-replayed'], 'true')
+  const record = (await Promise.resolve(other.app.idempotency.find({ method: 'POST', route: '/orders', key: 'waited' })))?.record
+  while (otherTold.length === 0) await sleep(5)
+  t.strictSame(otherTold, [`idem:${record as string}`], 'one message, on the channel named by the storage key (a digest)')
+  t.strictSame(told, [], 'a record nobody waited for published nothing')
+  t.equal(other.runs(), 1)
+  await started
+})
+
+t.test('a waiter survives its subscription being killed, and gets the replay, under an ioredis keyPrefix too', async (t) => {
+  if (!requireRedis(t)) return
+  const { server, app, runs, started, finish, send } = await setup(t, {}, 'app:')
+  const running = send('killed')
+  await started
+  const duplicate = send('killed')
+  await waiters(app, 1)
+  const storageKey = `app:idem:${app.idempotency.keyOf({ method: 'POST', route: '/orders', key: 'killed' })}`
+  while ((await redisCommand(server.port, 'GET', storageKey) as string)[0] !== 'P') await sleep(5)
+  t.equal(await redisCommand(server.port, 'CLIENT', 'KILL', 'TYPE', 'pubsub'), '1', 'the subscriber connection is dropped')
+  finish()
+  t.equal((await running).statusCode, 201)
+  const replay = await duplicate
+  t.equal(replay.statusCode, 201, 'the replay, by a later look')
+  t.equal(replay.headers['idempotent-replayed'], 'true')
+  t.equal(runs(), 1)
+})
+
+t.test('a Redis outage while a duplicate waits answers 503, and the app recovers without a restart', async (t) => {
+  if (!requireRedis(t)) return
+  const { server, app, started, finish, send } = await setup(t)
+  const running = send('outage')
+  await started
+  const duplicate = send('outage')
+  await waiters(app, 1)
+  await server.stop()
+  const answer = await duplicate
+  t.equal(answer.statusCode, 503)
+  t.equal(answer.json().code, 'FST_IDEMPOTENCY_STORE_UNAVAILABLE')
+  finish()
+  await running
+  await server.start()
+  let fresh = await send('after')
+  for (let attempt = 0; attempt < 100 && fresh.statusCode === 503; attempt++) {
+    await sleep(50)
+    fresh = await send('after')
+  }
+  t.equal(fresh.statusCode, 201, 'a new key runs once Redis is back')
+})
+
+t.test('a Redis client that cannot open a connection of its own leaves waiters to look on their own', async (t) => {
+  const store = new RedisStore({ client: { defineCommand () {}, status: 'ready' } })
+  const unwatch = store.watch('k', () => { t.fail('never told') })
+  t.equal(typeof unwatch, 'function')
+  unwatch()
+  store.close()
+})
