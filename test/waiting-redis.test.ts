@@ -131,3 +131,31 @@ t.test('a Redis client that cannot open a connection of its own leaves waiters t
   unwatch()
   store.close()
 })
+
+t.test('two listeners on one key share its subscription, which ends with the last', async (t) => {
+  if (!requireRedis(t)) return
+  const server = await startRedis()
+  const client = new Redis({ host: '127.0.0.1', port: server.port })
+  const store = new RedisStore({ client })
+  t.teardown(async () => {
+    store.close()
+    client.disconnect()
+    await server.stop()
+  })
+  let told = 0
+  const both = deferred()
+  const tell = (): void => {
+    if (++told === 2) both.resolve()
+  }
+  const first = store.watch('shared', () => { tell() })
+  const second = store.watch('shared', () => { tell() })
+  await both.promise
+  t.equal(told, 2, 'each is told once the subscription and the mark are made')
+  const channels = async () => await redisCommand(server.port, 'PUBSUB', 'CHANNELS')
+  t.strictSame(await channels(), ['idem:shared'])
+  first()
+  t.strictSame(await channels(), ['idem:shared'], 'still subscribed for the second')
+  second()
+  while ((await channels() as string[]).length > 0) await sleep(5)
+  t.pass('unsubscribed once the last left')
+})

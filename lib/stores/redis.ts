@@ -268,9 +268,12 @@ export class RedisStore implements IdempotencyStore {
   // Who waits for which key's record, by channel: the store's connection for them, opened on first use.
   #subscriber: Subscriber | undefined
   #watchers = new Map<string, Set<() => void>>()
+  // ioredis's own keyPrefix: the script's keys and channels carry it, SCAN's patterns do not.
+  readonly #keyPrefix: string
   constructor (options: RedisStoreOptions) {
     const settings = validateOptions(options)
     this.prefix = settings.prefix
+    this.#keyPrefix = settings.client.options?.keyPrefix ?? ''
     this.timeout = settings.timeout
     // Without numberOfKeys, each call says how many keys it has.
     settings.client.defineCommand('idempotencySteps', { lua: STEPS })
@@ -306,7 +309,7 @@ export class RedisStore implements IdempotencyStore {
     const nodes = client.isCluster === true ? (client.nodes as NonNullable<RedisClient['nodes']>)('master') : [client as Scanner]
     const parts = query.cursor?.split(':') ?? []
     // SCAN neither adds nor strips ioredis's own keyPrefix, as the client does for commands.
-    const prefix = (client.options?.keyPrefix ?? '') + this.prefix
+    const prefix = this.#keyPrefix + this.prefix
     const pattern = `${prefix.replace(/[*?[\]\\]/g, '\\$&')}*`
     const records: ListedRecord[] = []
     let after = parts.slice(2).join(':')
@@ -372,7 +375,7 @@ export class RedisStore implements IdempotencyStore {
   watch (key: string, listener: () => void): () => void {
     const client = this.#client as unknown as RedisClient
     if (client.duplicate === undefined) return ignore
-    const channel = (client.options?.keyPrefix ?? '') + this.prefix + key
+    const channel = this.#keyPrefix + this.prefix + key
     let listeners = this.#watchers.get(channel)
     if (listeners === undefined) {
       listeners = new Set()
