@@ -1,8 +1,8 @@
 import t, { type Test } from 'tap'
 import Fastify, { type FastifyInstance } from 'fastify'
-import { Redis } from 'ioredis'
+import { Cluster, Redis } from 'ioredis'
 import idempotency, { RedisStore, type IdempotencyOptions } from '../lib/index.js'
-import { redisCommand, requireRedis, startRedis, type RedisServer } from './helpers/redis-server.js'
+import { redisCommand, requireRedis, startRedis, startRedisCluster, type RedisServer } from './helpers/redis-server.js'
 import { deferred, key, sleep } from './helpers/timing.js'
 
 interface Setup {
@@ -158,4 +158,26 @@ t.test('two listeners on one key share its subscription, which ends with the las
   second()
   while ((await channels() as string[]).length > 0) await sleep(5)
   t.pass('unsubscribed once the last left')
+})
+
+t.test('duplicates wait for the first response on a 3-master Redis Cluster', async (t) => {
+  if (!requireRedis(t)) return
+  const servers = await startRedisCluster(3)
+  const client = new Cluster(servers.nodes)
+  const app = Fastify()
+  await app.register(idempotency, { store: new RedisStore({ client }), wait: 5000 })
+  t.teardown(async () => {
+    await app.close()
+    client.disconnect()
+    await servers.stop()
+  })
+  let runs = 0
+  app.post('/orders', { config: { idempotency: true } }, async () => {
+    runs++
+    await sleep(300)
+    return { runs }
+  })
+  const answers = await Promise.all(Array.from({ length: 20 }, async () => await app.inject({ method: 'POST', url: '/orders', headers: key('clustered'), payload: {} })))
+  t.equal(runs, 1)
+  t.strictSame([...new Set(answers.map((answer) => `${answer.statusCode} ${answer.body}`))], ['200 {"runs":1}'], 'no 409: all got the first response')
 })
