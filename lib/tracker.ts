@@ -3,7 +3,7 @@ import { step, type Awaitable } from './awaitable.js'
 import { storeChannel, type StoreOperation } from './diagnostics.js'
 import { InvalidOptionError, StoreOperationMissingError } from './errors.js'
 import { storageKey, type RequestIdentity } from './key.js'
-import { Waits, type Watch } from './waiting.js'
+import { Waits } from './waiting.js'
 import type { IdempotencyRecord, IdempotencyStore, InsertResult, ListPage, ListQuery, RecordUpdate, StoredResponse } from './stores/store.js'
 
 /** What `track` found, and so what the request should get. */
@@ -111,7 +111,7 @@ export class RequestTracker {
     this.#logger = logger
     this.#storeName = store.name ?? store.constructor.name
     this.#maxWaiting = maxWaiting
-    this.#waits = new Waits(store.watch === undefined ? undefined : (key, listener) => (store.watch as Watch)(key, listener), (key, result) => {
+    this.#waits = new Waits(store.watch?.bind(store), (key, result) => {
       // Created for waiters that all left: given back, so that a retry runs.
       Promise.resolve().then(() => this.release(key, result.owner)).catch((error: unknown) => {
         this.#logger.warn({ err: error }, 'idempotency store failed to release a record no waiter claimed; it lapses with its lease')
