@@ -94,6 +94,8 @@ t.test('a waiter survives its subscription being killed, and gets the replay, un
   const storageKey = `app:idem:${app.idempotency.keyOf({ method: 'POST', route: '/orders', key: 'killed' })}`
   while ((await redisCommand(server.port, 'GET', storageKey) as string)[0] !== 'P') await sleep(5)
   t.equal(await redisCommand(server.port, 'CLIENT', 'KILL', 'TYPE', 'pubsub'), '1', 'the subscriber connection is dropped')
+  // ioredis reconnects and subscribes again, once it is ready: every waiter is told to look again.
+  while (!(await redisCommand(server.port, 'PUBSUB', 'CHANNELS') as string[]).includes(storageKey)) await sleep(5)
   finish()
   t.equal((await running).statusCode, 201)
   const replay = await duplicate

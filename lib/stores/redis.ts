@@ -409,10 +409,10 @@ export class RedisStore implements IdempotencyStore {
     subscriber.on('message', (channel) => {
       this.#watchers.get(channel)?.forEach((told) => { told() })
     })
-    let connected = false
+    // Ready again after a reconnect, messages may have been lost meanwhile: every waiter looks again
+    // (at the first connection too, which costs a look).
     subscriber.on('ready', () => {
-      if (connected) for (const listeners of this.#watchers.values()) for (const told of listeners) told()
-      connected = true
+      for (const listeners of this.#watchers.values()) for (const told of listeners) told()
     })
     // A failed connection is retried by ioredis; the waiters look again on their own meanwhile.
     subscriber.on('error', ignore)
