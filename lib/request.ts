@@ -196,9 +196,10 @@ export class TrackedRequest {
   }
 
   /**
-   * Settles an owned record (once: every caller finds it owned, and settling ends that): completed with its response, halted (the
-   * outcome is unknown, and retries are told so), or released (deleted, so that a retry runs the
-   * handler, only where that cannot run it twice). Never fails: a store failure is logged.
+   * Settles an owned record: completed with its response, halted (the outcome is unknown, and
+   * retries are told so), or released (deleted, so that a retry runs the handler, only where that
+   * cannot run it twice). Once: every caller finds the request owned, and settling ends that.
+   * Never fails: a store failure is logged.
    */
   settle (request: FastifyRequest, settlement: Settlement, reason: string, details: object = {}): Awaitable<void> {
     this.state = 'settling'

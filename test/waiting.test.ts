@@ -1,5 +1,4 @@
 import diagnostics from 'node:diagnostics_channel'
-import { request as httpRequest } from 'node:http'
 import { connect, type AddressInfo } from 'node:net'
 import t, { type Test } from 'tap'
 import Fastify, { type FastifyInstance } from 'fastify'
@@ -10,34 +9,8 @@ import { logCollector } from './helpers/logs.js'
 import { requirePostgres, startPostgres } from './helpers/postgres-server.js'
 import { requireRedis, startRedis } from './helpers/redis-server.js'
 import { FaultyStore } from './helpers/stores.js'
+import { post } from './helpers/shared-store.js'
 import { deferred, key, sleep } from './helpers/timing.js'
-
-interface Answer { status: number, body: string, replayed: boolean, retryAfter: string | undefined }
-
-function post (port: number, idempotencyKey: string, body = '{"amount":100}'): Promise<Answer> {
-  return new Promise((resolve, reject) => {
-    const request = httpRequest({
-      host: '127.0.0.1',
-      port,
-      method: 'POST',
-      path: '/orders',
-      headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...key(idempotencyKey) }
-    }, (response) => {
-      const chunks: Buffer[] = []
-      response.on('data', (chunk: Buffer) => chunks.push(chunk))
-      response.on('end', () => {
-        resolve({
-          status: response.statusCode ?? 0,
-          body: Buffer.concat(chunks).toString(),
-          replayed: response.headers['idempotent-replayed'] === 'true',
-          retryAfter: response.headers['retry-after'] as string | undefined
-        })
-      })
-    })
-    request.on('error', reject)
-    request.end(body)
-  })
-}
 
 async function appOn (t: Test, options: IdempotencyOptions, logger: object | boolean = false): Promise<FastifyInstance> {
   const app = Fastify({ logger })

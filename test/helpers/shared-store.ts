@@ -10,16 +10,17 @@ import { key, sleep } from './timing.js'
 /** Builds an app on the shared store under test; the helper closes it when the test ends. */
 export type SharedStoreApp = (t: Test, options?: IdempotencyOptions) => Promise<FastifyInstance>
 
-interface Answer { status: number, body: string, replayed: boolean }
+export interface Answer { status: number, body: string, replayed: boolean }
 
-function post (port: number, idempotencyKey: string, body: string): Promise<Answer> {
+/** POST /orders with a key over a real socket, to an instance on a loopback port. */
+export function post (port: number, idempotencyKey: string, body = '{"amount":100}'): Promise<Answer> {
   return new Promise((resolve, reject) => {
     const request = httpRequest({
       host: '127.0.0.1',
       port,
       method: 'POST',
       path: '/orders',
-      headers: { 'content-type': 'application/json', 'content-length': body.length, ...key(idempotencyKey) }
+      headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...key(idempotencyKey) }
     }, (response) => {
       const chunks: Buffer[] = []
       response.on('data', (chunk: Buffer) => chunks.push(chunk))
