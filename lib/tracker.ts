@@ -183,10 +183,10 @@ export class RequestTracker {
    * whether a record was removed.
    */
   forget (identity: RequestIdentity): Awaitable<boolean> {
-    const store = this.store
-    if (store.remove === undefined) throw new StoreOperationMissingError('remove')
+    const remove = this.store.remove?.bind(this.store)
+    if (remove === undefined) throw new StoreOperationMissingError('remove')
     const key = this.keyOf(identity)
-    return step(() => this.#call('remove', () => (store.remove as (key: string) => Awaitable<boolean>)(key)), (removed) => {
+    return step(() => this.#call('remove', () => remove(key)), (removed) => {
       // Never the client's key: it may be all another client needs to get this response.
       if (removed) this.#logger.warn({ record: this.recordOf(key), method: identity.method, route: identity.route }, 'idempotency record forgotten by an operator')
       return removed
@@ -195,11 +195,11 @@ export class RequestTracker {
 
   /** Records that need an operator's decision: halted ones, and processing ones whose lease lapsed. */
   list (query: ListQuery): Awaitable<ListPage> {
-    const store = this.store
-    if (store.list === undefined) throw new StoreOperationMissingError('list')
+    const list = this.store.list?.bind(this.store)
+    if (list === undefined) throw new StoreOperationMissingError('list')
     if (!Number.isInteger(query.limit) || query.limit < 1) throw new InvalidOptionError('list: limit must be a positive integer')
     if (query.state !== undefined && query.state !== 'halted' && query.state !== 'lapsed') throw new InvalidOptionError("list: state must be 'halted', 'lapsed' or undefined")
-    return this.#call('list', () => (store.list as (query: ListQuery) => Awaitable<ListPage>)(query), (page) => ({
+    return this.#call('list', () => list(query), (page) => ({
       records: page.records.map(({ key, identity: _identity, ...record }) => ({ ...record, key: this.recordOf(key) })),
       cursor: page.cursor
     }))
