@@ -11,8 +11,8 @@ export { MemoryStore } from './stores/memory.js'
 export type { MemoryStoreOptions, WarningLogger } from './stores/memory.js'
 export { RedisStore } from './stores/redis.js'
 export type { RedisClient, RedisStoreOptions } from './stores/redis.js'
-export { PostgresStore, POSTGRES_SCHEMA, postgresSchema } from './stores/postgres.js'
-export type { PostgresPool, PostgresQuery, PostgresStoreOptions } from './stores/postgres.js'
+export { PostgresStore, POSTGRES_SCHEMA, postgresChannel, postgresSchema } from './stores/postgres.js'
+export type { ListenClient, PostgresPool, PostgresQuery, PostgresStoreOptions } from './stores/postgres.js'
 export type {
   Awaitable,
   IdempotencyRecord,

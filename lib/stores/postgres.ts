@@ -28,6 +28,21 @@ export interface PostgresQuery {
  */
 export interface PostgresPool {
   query (query: PostgresQuery): Promise<{ rows: any[], rowCount: number | null }>
+  /**
+   * pg's `Pool` has both: `watch` opens its own connection with them, to LISTEN (a pooled one
+   * would be reaped when idle). Without them, waiters look on their own.
+   */
+  readonly Client?: new (options: any) => ListenClient
+  readonly options?: unknown
+}
+
+/** What `watch` needs of the connection it opens: a pg `Client`. */
+export interface ListenClient {
+  connect (): Promise<unknown>
+  query (text: string): Promise<unknown>
+  on (event: 'notification', listener: (message: { channel: string, payload?: string | undefined }) => void): unknown
+  on (event: 'error' | 'end', listener: () => void): unknown
+  end (): Promise<unknown>
 }
 
 /** The table's SQL, for the user's own migrations; `PostgresStore` runs it with `createTable: true`. */
@@ -45,9 +60,11 @@ export function postgresSchema (table = 'idempotency_requests'): string {
   headers jsonb,
   body bytea,
   created_at timestamptz NOT NULL DEFAULT now(),
-  identity text
+  identity text,
+  waited boolean NOT NULL DEFAULT false
 );
-ALTER TABLE ${name} ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now(), ADD COLUMN IF NOT EXISTS identity text;
+ALTER TABLE ${name} ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now(), ADD COLUMN IF NOT EXISTS identity text,
+  ADD COLUMN IF NOT EXISTS waited boolean NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS ${quoteIdentifier(`${bare}_expires_at`)} ON ${name} (expires_at);
 CREATE INDEX IF NOT EXISTS ${quoteIdentifier(`${bare}_lease_expires_at`)} ON ${name} (lease_expires_at) WHERE state = 'processing';
 CREATE INDEX IF NOT EXISTS ${quoteIdentifier(`${bare}_unfinished`)} ON ${name} (created_at, key) WHERE state <> 'completed';
@@ -81,6 +98,9 @@ export interface PostgresStoreOptions {
 }
 
 const INSERTED: InsertResult = Object.freeze({ inserted: true })
+// ms before a lost LISTEN connection is opened again, while duplicates wait.
+const RECONNECT_DELAY = 1000
+const ignore = (): void => {}
 const TOOK_OVER: InsertResult = Object.freeze({ inserted: true, tookOver: true })
 const validateOptions = compileOptions(PostgresStoreOptionsSchema, { subject: 'PostgresStore', prefix: '' })
 
@@ -119,6 +139,12 @@ export class PostgresStore implements IdempotencyStore {
   #pool: PostgresPool
   #ready: Promise<void> | undefined
   #sql: ReturnType<typeof statements>
+  // Who waits for which key's record: the store's LISTEN connection for them, opened on first use.
+  #watchers = new Map<string, Set<() => void>>()
+  #listener: ListenClient | undefined
+  #listening: Promise<void> | undefined
+  #reconnect: NodeJS.Timeout | undefined
+  #closed = false
 
   constructor (options: PostgresStoreOptions) {
     const settings = validateOptions(options)
@@ -202,6 +228,87 @@ export class PostgresStore implements IdempotencyStore {
   }
 
   /**
+   * Tells `listener` when the record under `key` completes, halts or is deleted: the store's
+   * connection LISTENs, then the record is marked, so that its end NOTIFYs; then the listener is
+   * told once, since the end may have come before the mark. A lost connection is opened again,
+   * and then every listener is told, as notifications may have been lost meanwhile.
+   */
+  watch (key: string, listener: () => void): () => void {
+    if (this.#pool.Client === undefined || this.#closed) return ignore
+    let listeners = this.#watchers.get(key)
+    if (listeners === undefined) {
+      listeners = new Set()
+      this.#watchers.set(key, listeners)
+      const watching = listeners
+      this.#listen().then(() => this.#mark([key])).then(() => {
+        for (const told of watching) told()
+      }, ignore)
+    }
+    const watching = listeners
+    watching.add(listener)
+    return () => {
+      watching.delete(listener)
+      if (watching.size > 0) return
+      this.#watchers.delete(key)
+      // Nobody waits: a lost connection is opened again by the next watch.
+      if (this.#watchers.size === 0) clearTimeout(this.#reconnect)
+    }
+  }
+
+  /** Closes the connection `watch` opened; the pool passed in stays open. */
+  async close (): Promise<void> {
+    this.#closed = true
+    clearTimeout(this.#reconnect)
+    this.#watchers.clear()
+    const listener = this.#listener
+    this.#listener = undefined
+    await listener?.end().catch(ignore)
+  }
+
+  #listen (): Promise<void> {
+    this.#listening ??= this.#connect()
+    return this.#listening
+  }
+
+  async #connect (): Promise<void> {
+    const Client = this.#pool.Client as NonNullable<PostgresPool['Client']>
+    const listener = new Client(this.#pool.options)
+    this.#listener = listener
+    listener.on('notification', (message) => {
+      if (message.payload !== undefined) this.#watchers.get(message.payload)?.forEach((told) => { told() })
+    })
+    // A failed connection ends: 'end' follows.
+    listener.on('error', ignore)
+    listener.on('end', () => { this.#lost(listener) })
+    try {
+      await withTimeout(listener.connect().then(() => listener.query(`LISTEN "${postgresChannel(this.table)}"`)),
+        this.timeout, `postgres listen timed out after ${this.timeout} ms`)
+    } catch (error) {
+      listener.end().catch(ignore)
+      this.#lost(listener)
+      throw error
+    }
+  }
+
+  // Once per connection: the next watch, or the retry while some wait, opens another.
+  #lost (listener: ListenClient): void {
+    if (this.#listener !== listener) return
+    this.#listener = undefined
+    this.#listening = undefined
+    if (this.#closed || this.#watchers.size === 0) return
+    this.#reconnect = setTimeout(() => {
+      // Marks a record a lost connection could not, then has every waiter look again.
+      this.#listen().then(() => this.#mark([...this.#watchers.keys()])).then(() => {
+        for (const listeners of this.#watchers.values()) for (const told of listeners) told()
+      }, ignore)
+    }, RECONNECT_DELAY).unref()
+  }
+
+  async #mark (keys: string[]): Promise<void> {
+    await this.#query('watch', { name: this.#sql.names.mark, text: this.#sql.mark, values: [keys] })
+  }
+
+  /**
    * Deletes expired rows in batches of `pruneBatchSize`, each its own short statement that skips
    * rows other transactions hold, so a prune never locks the table for long.
    */
@@ -225,8 +332,16 @@ export class PostgresStore implements IdempotencyStore {
   }
 }
 
+/** The channel a store NOTIFYs on: one per table, an identifier of at most 63 bytes. */
+export function postgresChannel (table: string): string {
+  return `idempotency_${table.replace(/[^A-Za-z0-9_]/g, '_')}`.slice(0, 63)
+}
+
 function statements (tableName: string) {
   const table = quoteIdentifier(tableName)
+  // The end of a record a duplicate waits for is told at commit, its key as the payload. A NOTIFY
+  // serializes committing transactions on a lock: only a record a waiter marked pays it.
+  const told = (rows: string) => `SELECT CASE WHEN waited THEN pg_notify('${postgresChannel(tableName)}', key) END FROM ${rows}`
   const name = (statement: string) => `idempotency-${statement}:${tableName}`
   const record = `state, fingerprint, (extract(epoch FROM expires_at) * 1000)::float8 AS expires_ms,
     (state = 'processing' AND lease_expires_at <= now()) AS lease_expired, status_code, headers, body`
@@ -242,7 +357,8 @@ function statements (tableName: string) {
       delete: name('delete'),
       prune: name('prune'),
       remove: name('remove'),
-      list: name('list')
+      list: name('list'),
+      mark: name('mark')
     },
     // A live row is read without a write or a lock, so a replay costs one read; only when there
     // is none does the INSERT run, whose conflict check keeps two instances from both inserting.
@@ -258,7 +374,9 @@ function statements (tableName: string) {
   ON CONFLICT (key) DO UPDATE SET
     state = 'processing', fingerprint = EXCLUDED.fingerprint, owner = EXCLUDED.owner,
     expires_at = EXCLUDED.expires_at, lease_expires_at = EXCLUDED.lease_expires_at,
-    status_code = NULL, headers = NULL, body = NULL, created_at = EXCLUDED.created_at, identity = EXCLUDED.identity
+    status_code = NULL, headers = NULL, body = NULL, created_at = EXCLUDED.created_at, identity = EXCLUDED.identity,
+    -- Who waited for a lapsed record waits for the one taking it over.
+    waited = r.waited AND r.expires_at > now()
   WHERE r.expires_at <= now()
     OR ($6::boolean AND r.state = 'processing' AND r.lease_expires_at <= now() AND r.fingerprint = EXCLUDED.fingerprint)
   RETURNING 1
@@ -272,8 +390,9 @@ FROM attempt
 UNION ALL
 SELECT false, false, * FROM existing`,
     lookup: `SELECT false AS inserted, ${record}, ${origin} FROM ${table} WHERE key = $1 AND expires_at > now()`,
-    remove: `DELETE FROM ${table} WHERE key = $1 AND expires_at > now()
-  AND NOT (state = 'processing' AND lease_expires_at > now()) RETURNING 1`,
+    remove: `WITH gone AS (DELETE FROM ${table} WHERE key = $1 AND expires_at > now()
+  AND NOT (state = 'processing' AND lease_expires_at > now()) RETURNING key, waited) ${told('gone')}`,
+    mark: `UPDATE ${table} SET waited = true WHERE key = ANY($1::text[]) AND state = 'processing' AND NOT waited`,
     // $1: 'halted', 'lapsed' or NULL for both; ($2, $3): where the previous page ended.
     // The cursor's time is in microseconds since the epoch: exact (extract gives a numeric from
     // PostgreSQL 14), and free of the session's DateStyle and time zone.
@@ -285,12 +404,13 @@ ORDER BY created_at, key LIMIT $4`,
     renew: `UPDATE ${table} SET lease_expires_at = now() + $3::float8 * interval '1 millisecond',
   expires_at = greatest(expires_at, now() + $3::float8 * interval '1 millisecond')
 WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING 1`,
-    halt: `UPDATE ${table} SET state = 'halted', expires_at = to_timestamp($3::float8 / 1000), owner = NULL, lease_expires_at = NULL
-WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING 1`,
-    complete: `UPDATE ${table} SET state = 'completed', expires_at = to_timestamp($3::float8 / 1000), owner = NULL,
+    halt: `WITH done AS (UPDATE ${table} SET state = 'halted', expires_at = to_timestamp($3::float8 / 1000), owner = NULL, lease_expires_at = NULL
+WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING key, waited) ${told('done')}`,
+    complete: `WITH done AS (UPDATE ${table} SET state = 'completed', expires_at = to_timestamp($3::float8 / 1000), owner = NULL,
   lease_expires_at = NULL, status_code = $4, headers = $5, body = $6, identity = NULL
-WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING 1`,
-    delete: `DELETE FROM ${table} WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING 1`,
+WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now() RETURNING key, waited) ${told('done')}`,
+    delete: `WITH gone AS (DELETE FROM ${table} WHERE key = $1 AND owner = $2 AND state = 'processing' AND expires_at > now()
+  RETURNING key, waited) ${told('gone')}`,
     prune: `DELETE FROM ${table} WHERE key IN (
   SELECT key FROM ${table} WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED
 ) RETURNING 1`

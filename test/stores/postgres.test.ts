@@ -73,11 +73,11 @@ if (requirePostgres(t)) {
     t.same(columns.rows.map((row: { column_name: string, data_type: string }) => `${row.column_name} ${row.data_type}`), [
       'key text', 'state text', 'fingerprint text', 'owner text', 'expires_at timestamp with time zone',
       'lease_expires_at timestamp with time zone', 'status_code smallint', 'headers jsonb', 'body bytea',
-      'created_at timestamp with time zone', 'identity text'
+      'created_at timestamp with time zone', 'identity text', 'waited boolean'
     ])
   })
 
-  t.test('adds the columns operators read to a table made by an earlier schema, keeping its rows', async (t) => {
+  t.test('adds the columns operators and waiters use to a table made by an earlier schema, keeping its rows', async (t) => {
     const pool = new pg.Pool({ connectionString: server.connectionString })
     t.teardown(() => pool.end())
     await pool.query('CREATE SCHEMA IF NOT EXISTS upgraded')
@@ -88,6 +88,8 @@ if (requirePostgres(t)) {
     const listed = await store.list({ limit: 10 })
     t.strictSame(listed.records.map((entry) => [entry.key, entry.state, entry.identity, typeof entry.createdAt]), [['old', 'halted', undefined, 'number']])
     t.equal(listed.cursor, undefined)
+    const waited = await pool.query("SELECT waited FROM upgraded.requests WHERE key = 'old'")
+    t.strictSame(waited.rows, [{ waited: false }], 'an old row is not waited for')
   })
 
   t.test('sees a row committed by another transaction while its insert waited on it', async (t) => {
