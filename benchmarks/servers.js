@@ -93,10 +93,13 @@ function postgresCpu () {
 
 /** Starts `benchmarks/server.js <variant>` (and its private redis-server) in child processes. */
 export async function start (variant, { execArgv = [] } = {}) {
-  const usesRedis = variant.replace(/-wait$/, '').endsWith('redis')
+  const store = variant.replace(/-wait$/, '').replace(/^before-/, '')
+  const usesRedis = store.endsWith('redis')
   const redis = usesRedis ? await startRedis() : undefined
   const env = { ...process.env, BENCH_REDIS_PORT: String(redis?.port), BENCH_DATABASE_URL: databaseUrl }
-  const storeCpu = usesRedis ? () => redis.cpu() : variant === 'postgres' ? postgresCpu : () => 0
+  // The PostgreSQL server is shared: its CPU is counted for each variant that uses it, so only
+  // turns (one server at a time) read it apart.
+  const storeCpu = usesRedis ? () => redis.cpu() : store === 'postgres' ? postgresCpu : () => 0
   const child = fork(new URL('./server.js', import.meta.url), [variant], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], env, execArgv })
   const [{ port }] = await once(child, 'message')
   // CPU time in µs so far: the server's, and the store server's; and the server's minor page

@@ -4,7 +4,7 @@ import fastifyPostgres from '@fastify/postgres'
 import pg from 'pg'
 import idempotency, { InvalidOptionError, PostgresStore, POSTGRES_SCHEMA, type IdempotencyOptions } from '../lib/index.js'
 import { requirePostgres, startPostgres, type PostgresServer } from './helpers/postgres-server.js'
-import { exactlyOnceAcrossInstances, killedInstance } from './helpers/shared-store.js'
+import { exactlyOnceAcrossInstances, killedInstance, killedWhileWaited } from './helpers/shared-store.js'
 import { key, sleep } from './helpers/timing.js'
 
 t.test('store: \'postgres\' without @fastify/postgres fails at register, saying what to do', async (t) => {
@@ -47,6 +47,14 @@ if (requirePostgres(t)) {
 
   t.test('with releaseOnError a killed instance\'s key is taken over once its lease lapses', async (t) => {
     await killedInstance(t, postgresApp, ['postgres', server.connectionString], true)
+  })
+
+  t.test('duplicates waiting for a killed instance\'s request are told it halted once its lease lapses', async (t) => {
+    await killedWhileWaited(t, postgresApp, ['postgres', server.connectionString], false)
+  })
+
+  t.test('with releaseOnError one duplicate waiting for a killed instance\'s request takes it over, the others get its response', async (t) => {
+    await killedWhileWaited(t, postgresApp, ['postgres', server.connectionString], true)
   })
 
   t.test('replays a binary body byte for byte through PostgreSQL', async (t) => {

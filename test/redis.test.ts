@@ -4,7 +4,7 @@ import fastifyRedis from '@fastify/redis'
 import { Redis } from 'ioredis'
 import idempotency, { InvalidOptionError, RedisStore, type IdempotencyOptions } from '../lib/index.js'
 import { requireRedis, startRedis, type RedisServer } from './helpers/redis-server.js'
-import { exactlyOnceAcrossInstances, killedInstance } from './helpers/shared-store.js'
+import { exactlyOnceAcrossInstances, killedInstance, killedWhileWaited } from './helpers/shared-store.js'
 import { key } from './helpers/timing.js'
 
 if (requireRedis(t)) {
@@ -98,6 +98,14 @@ if (requireRedis(t)) {
 
   t.test('with releaseOnError a killed instance\'s key is taken over once its lease lapses', async (t) => {
     await killedInstance(t, redisApp, ['redis', String(server.port)], true)
+  })
+
+  t.test('duplicates waiting for a killed instance\'s request are told it halted once its lease lapses', async (t) => {
+    await killedWhileWaited(t, redisApp, ['redis', String(server.port)], false)
+  })
+
+  t.test('with releaseOnError one duplicate waiting for a killed instance\'s request takes it over, the others get its response', async (t) => {
+    await killedWhileWaited(t, redisApp, ['redis', String(server.port)], true)
   })
 
   t.test('store: \'redis\' uses the client of @fastify/redis', async (t) => {

@@ -162,7 +162,7 @@ t.test('two listeners on one key share its subscription, which ends with the las
   t.pass('unsubscribed once the last left')
 })
 
-t.test('duplicates wait for the first response on a 3-master Redis Cluster', async (t) => {
+t.test('duplicates wait for the first response on a 3-master Redis Cluster, told on the key\'s sharded channel', async (t) => {
   if (!requireRedis(t)) return
   const servers = await startRedisCluster(3)
   const client = new Cluster(servers.nodes)
@@ -174,12 +174,50 @@ t.test('duplicates wait for the first response on a 3-master Redis Cluster', asy
     await servers.stop()
   })
   let runs = 0
+  const finish = deferred()
   app.post('/orders', { config: { idempotency: true } }, async () => {
     runs++
-    await sleep(300)
+    await finish.promise
     return { runs }
   })
-  const answers = await Promise.all(Array.from({ length: 20 }, async () => await app.inject({ method: 'POST', url: '/orders', headers: key('clustered'), payload: {} })))
+  const second = deferred()
+  app.post('/refunds', { config: { idempotency: true } }, async () => {
+    await second.promise
+    return { refunded: true }
+  })
+  const sent = Array.from({ length: 20 }, async () => await app.inject({ method: 'POST', url: '/orders', headers: key('clustered'), payload: {} }))
+  await waiters(app, 19)
+  const channel = `idem:${app.idempotency.keyOf({ method: 'POST', route: '/orders', key: 'clustered' })}`
+  const shardChannels = async () => await Promise.all(servers.nodes.map(async (node) => await redisCommand(node.port, 'PUBSUB', 'SHARDCHANNELS') as string[]))
+  let subscribed = await shardChannels()
+  while (!subscribed.some((channels) => channels.includes(channel))) {
+    await sleep(5)
+    subscribed = await shardChannels()
+  }
+  t.equal(subscribed.filter((channels) => channels.includes(channel)).length, 1, 'one node, the key\'s, holds the sharded channel')
+  const owner = servers.nodes[subscribed.findIndex((channels) => channels.includes(channel))] as { port: number }
+  t.strictSame(await Promise.all(servers.nodes.map(async (node) => await redisCommand(node.port, 'PUBSUB', 'CHANNELS'))), [[], [], []], 'no broadcast channel')
+  while ((await redisCommand(owner.port, 'GET', channel) as string)[0] !== 'P') await sleep(5)
+  finish.resolve()
+  const answers = await Promise.all(sent)
   t.equal(runs, 1)
   t.strictSame([...new Set(answers.map((answer) => `${answer.statusCode} ${answer.body}`))], ['200 {"runs":1}'], 'no 409: all got the first response')
+
+  // A killed sharded subscriber: the waiter still gets the replay, by a later look.
+  const running = app.inject({ method: 'POST', url: '/refunds', headers: key('killed'), payload: {} })
+  const duplicate = app.inject({ method: 'POST', url: '/refunds', headers: key('killed'), payload: {} })
+  await waiters(app, 1)
+  const killed = `idem:${app.idempotency.keyOf({ method: 'POST', route: '/refunds', key: 'killed' })}`
+  let node: { port: number } | undefined
+  while (node === undefined) {
+    const channels = await shardChannels()
+    node = servers.nodes[channels.findIndex((names) => names.includes(killed))]
+    if (node === undefined) await sleep(5)
+  }
+  t.equal(await redisCommand(node.port, 'CLIENT', 'KILL', 'TYPE', 'pubsub'), '1', 'the key\'s subscriber connection is dropped')
+  second.resolve()
+  t.equal((await running).statusCode, 200)
+  const replay = await duplicate
+  t.equal(replay.statusCode, 200)
+  t.equal(replay.headers['idempotent-replayed'], 'true')
 })

@@ -33,16 +33,22 @@ export interface RedisClient {
   nodes? (role: 'master'): Scanner[]
   /** ioredis's options: a `keyPrefix` there is put before every key, but not in SCAN. */
   readonly options?: { keyPrefix?: string | undefined }
-  /** A connection of its own for `watch`'s subscriptions; without it, waiters look on their own. */
-  duplicate? (): Subscriber
+  /**
+   * A connection of its own for `watch`'s subscriptions; without it, waiters look on their own. A
+   * Cluster's is asked for sharded subscribers, one per master.
+   */
+  // A Redis takes (options), a Cluster (startupNodes, options): both fit.
+  duplicate? (...arguments_: any[]): Subscriber
 }
 
-/** What `watch` needs of the connection `duplicate()` gives. */
+/** What `watch` needs of the connection `duplicate()` gives: channels, or a Cluster's sharded channels. */
 interface Subscriber {
   subscribe (channel: string): Promise<unknown>
   unsubscribe (channel: string): Promise<unknown>
-  on (event: 'message', listener: (channel: string) => void): unknown
-  on (event: 'ready' | 'error', listener: () => void): unknown
+  ssubscribe (channel: string): Promise<unknown>
+  sunsubscribe (channel: string): Promise<unknown>
+  on (event: 'message' | 'smessage', listener: (channel: string) => void): unknown
+  on (event: 'ready' | 'subscribersReady' | 'error', listener: () => void): unknown
   disconnect (): void
 }
 
@@ -105,9 +111,10 @@ local function answer (r)
   if tonumber(sub(r, fingerprintEnd + 1, find(r, '\\n', fingerprintEnd + 1, true) - 1)) > now then return r end
   return (b == 80 and 'L' or 'l') .. sub(r, 2)
 end
--- The end of a record that a duplicate waits for is told on the channel named by its key.
+-- The end of a record that a duplicate waits for is told on the channel named by its key: on a
+-- Cluster, a sharded channel (SPUBLISH, Redis 7), which stays on the key's shard.
 local function told (key, r)
-  if byte(r, 1) == 80 then redis.call('PUBLISH', key, '') end
+  if byte(r, 1) == 80 then redis.call(PUBLISH, key, '') end
 end
 local function step (key, kind, a)
   if kind == 'x' then
@@ -268,6 +275,7 @@ export class RedisStore implements IdempotencyStore {
   // Who waits for which key's record, by channel: the store's connection for them, opened on first use.
   #subscriber: Subscriber | undefined
   #watchers = new Map<string, Set<() => void>>()
+  readonly #sharded: boolean
   // ioredis's own keyPrefix: the script's keys and channels carry it, SCAN's patterns do not.
   readonly #keyPrefix: string
   constructor (options: RedisStoreOptions) {
@@ -275,8 +283,9 @@ export class RedisStore implements IdempotencyStore {
     this.prefix = settings.prefix
     this.#keyPrefix = settings.client.options?.keyPrefix ?? ''
     this.timeout = settings.timeout
+    this.#sharded = settings.client.isCluster === true
     // Without numberOfKeys, each call says how many keys it has.
-    settings.client.defineCommand('idempotencySteps', { lua: STEPS })
+    settings.client.defineCommand('idempotencySteps', { lua: `local PUBLISH = '${this.#sharded ? 'SPUBLISH' : 'PUBLISH'}'\n${STEPS}` })
     this.#client = settings.client as unknown as ScriptedClient
   }
 
@@ -381,8 +390,9 @@ export class RedisStore implements IdempotencyStore {
       listeners = new Set()
       this.#watchers.set(channel, listeners)
       const watching = listeners
-      const subscriber = this.#subscriber ?? this.#subscribe((client.duplicate as () => Subscriber).bind(client))
-      subscriber.subscribe(channel).then(() => this.#step('watch', this.prefix + key, ['w'], 0)).then(() => {
+      const subscriber = this.#subscriber ?? this.#subscribe(client.duplicate.bind(client))
+      const subscribed = this.#sharded ? subscriber.ssubscribe(channel) : subscriber.subscribe(channel)
+      subscribed.then(() => this.#step('watch', this.prefix + key, ['w'], 0)).then(() => {
         for (const told of watching) told()
       }, ignore)
     }
@@ -392,7 +402,8 @@ export class RedisStore implements IdempotencyStore {
       watching.delete(listener)
       if (watching.size > 0) return
       this.#watchers.delete(channel)
-      this.#subscriber?.unsubscribe(channel).catch(ignore)
+      const subscriber = this.#subscriber
+      ;(this.#sharded ? subscriber?.sunsubscribe(channel) : subscriber?.unsubscribe(channel))?.catch(ignore)
     }
   }
 
@@ -403,15 +414,15 @@ export class RedisStore implements IdempotencyStore {
     this.#watchers.clear()
   }
 
-  #subscribe (duplicate: () => Subscriber): Subscriber {
-    const subscriber = duplicate()
+  #subscribe (duplicate: NonNullable<RedisClient['duplicate']>): Subscriber {
+    const subscriber = this.#sharded ? duplicate([], { shardedSubscribers: true }) : duplicate()
     this.#subscriber = subscriber
-    subscriber.on('message', (channel) => {
+    subscriber.on(this.#sharded ? 'smessage' : 'message', (channel) => {
       this.#watchers.get(channel)?.forEach((told) => { told() })
     })
     // Ready again after a reconnect, messages may have been lost meanwhile: every waiter looks again
     // (at the first connection too, which costs a look).
-    subscriber.on('ready', () => {
+    subscriber.on(this.#sharded ? 'subscribersReady' : 'ready', () => {
       for (const listeners of this.#watchers.values()) for (const told of listeners) told()
     })
     // A failed connection is retried by ioredis; the waiters look again on their own meanwhile.

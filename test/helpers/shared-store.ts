@@ -2,6 +2,7 @@ import { fork } from 'node:child_process'
 import { once } from 'node:events'
 import { request as httpRequest } from 'node:http'
 import type { AddressInfo } from 'node:net'
+import type { ChildProcess } from 'node:child_process'
 import type { Test } from 'tap'
 import type { FastifyInstance } from 'fastify'
 import type { IdempotencyOptions } from '../../lib/index.js'
@@ -62,18 +63,9 @@ export async function exactlyOnceAcrossInstances (t: Test, build: SharedStoreApp
   t.equal(runs, 1)
 }
 
-/**
- * An instance in a child process (test/fixtures/instance.ts) takes the key and is killed with
- * SIGKILL while its handler runs; another instance then sees the record through its lease.
- */
-export async function killedInstance (
-  t: Test,
-  build: SharedStoreApp,
-  fixtureArguments: string[],
-  releaseOnError: boolean
-): Promise<void> {
-  const processingTtl = 300
-  const idempotencyKey = `crash-${Date.now()}-${String(releaseOnError)}`
+// An instance in a child process (test/fixtures/instance.ts) that takes the key and runs its
+// handler until it is killed.
+async function orphanOwner (t: Test, fixtureArguments: string[], processingTtl: number, idempotencyKey: string): Promise<ChildProcess> {
   const child = fork(new URL('../fixtures/instance.ts', import.meta.url), [...fixtureArguments, String(processingTtl)], {
     stdio: ['ignore', 'inherit', 'inherit', 'ipc']
   })
@@ -83,6 +75,22 @@ export async function killedInstance (
   orphan.on('error', () => {})
   orphan.end('{}')
   await once(child, 'message')
+  return child
+}
+
+/**
+ * An instance in a child process takes the key and is killed with SIGKILL while its handler
+ * runs; another instance then sees the record through its lease.
+ */
+export async function killedInstance (
+  t: Test,
+  build: SharedStoreApp,
+  fixtureArguments: string[],
+  releaseOnError: boolean
+): Promise<void> {
+  const processingTtl = 300
+  const idempotencyKey = `crash-${Date.now()}-${String(releaseOnError)}`
+  const child = await orphanOwner(t, fixtureArguments, processingTtl, idempotencyKey)
   const survivor = await build(t, { processingTtl, releaseOnError })
   let runs = 0
   survivor.post('/orders', { config: { idempotency: true } }, async () => ({ runs: ++runs }))
@@ -101,5 +109,39 @@ export async function killedInstance (
     t.equal(after.statusCode, 500)
     t.equal(after.json().code, 'FST_IDEMPOTENCY_HALTED')
     t.equal(runs, 0, 'never re-run')
+  }
+}
+
+/**
+ * Duplicates on another instance wait for a request whose instance is then killed with SIGKILL:
+ * once its lease lapses they are told it halted, or, with `releaseOnError`, one of them takes it
+ * over and runs and the others get its response.
+ */
+export async function killedWhileWaited (
+  t: Test,
+  build: SharedStoreApp,
+  fixtureArguments: string[],
+  releaseOnError: boolean
+): Promise<void> {
+  const processingTtl = 300
+  const idempotencyKey = `crash-waited-${Date.now()}-${String(releaseOnError)}`
+  const child = await orphanOwner(t, fixtureArguments, processingTtl, idempotencyKey)
+  const survivor = await build(t, { processingTtl, releaseOnError, wait: 10_000 })
+  let runs = 0
+  survivor.post('/orders', { config: { idempotency: true } }, async () => ({ runs: ++runs }))
+  const answers = Promise.all(Array.from({ length: 5 }, async () => await survivor.inject({ method: 'POST', url: '/orders', headers: key(idempotencyKey), payload: {} })))
+  while (survivor.idempotency.waiting < 5) await sleep(5)
+  // Past a lease: the child renews it while it lives, so the duplicates still wait.
+  await sleep(processingTtl + 100)
+  t.equal(survivor.idempotency.waiting, 5, 'they wait while the owner lives')
+  child.kill('SIGKILL')
+  const outcomes = (await answers).map((answer) => `${answer.statusCode} ${answer.body}`)
+  if (releaseOnError) {
+    t.equal(runs, 1, 'one waiter took the lapsed record over and ran')
+    t.strictSame([...new Set(outcomes)], ['200 {"runs":1}'], 'the others got its response')
+  } else {
+    t.equal(runs, 0, 'never re-run')
+    t.strictSame([...new Set(outcomes.map((outcome) => JSON.parse(outcome.slice(4)).code as string))], ['FST_IDEMPOTENCY_HALTED'])
+    t.ok(outcomes.every((outcome) => outcome.startsWith('500 ')), 'every waiter is told it halted')
   }
 }
