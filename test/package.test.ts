@@ -17,7 +17,7 @@ t.test('loads with import and with require, the same module either way', async (
     'AlreadyRegisteredError', 'BodyUnseenError', 'ConflictError', 'HOP_BY_HOP_HEADERS', 'HaltedError', 'InvalidOptionError', 'KeyInvalidError',
     'KeyMissingError', 'KeyMultipleError', 'MemoryStore', 'MismatchError', 'POSTGRES_SCHEMA', 'PluginOptionsSchema', 'PostgresStore',
     'RedisStore', 'RequestTracker', 'RouteOptionsSchema', 'StoreOperationMissingError', 'StoreUnavailableError', 'default', 'idempotency',
-    'postgresSchema', 'requestChannel', 'settleChannel', 'storeChannel'
+    'postgresChannel', 'postgresSchema', 'requestChannel', 'settleChannel', 'storeChannel'
   ])
 })
 

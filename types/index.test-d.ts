@@ -1,6 +1,7 @@
 import Fastify, { type FastifyContextConfig, type FastifyRequest, type RouteShorthandOptions } from 'fastify'
 import { expectAssignable, expectError, expectNotAssignable, expectType } from 'tsd'
 import { Redis as IORedis } from 'ioredis'
+import pg from 'pg'
 import idempotency, {
   AlreadyRegisteredError,
   BodyUnseenError,
@@ -13,6 +14,7 @@ import idempotency, {
   KeyMultipleError,
   MemoryStore,
   MismatchError,
+  PostgresStore,
   RedisStore,
   RequestTracker,
   StoreUnavailableError,
@@ -197,7 +199,14 @@ expectType<number>(result.expiresAt)
 expectAssignable<IdempotencyStore>(new RedisStore({ client: new IORedis({ lazyConnect: true }) }))
 expectType<RedisStore>(new RedisStore({ client: new IORedis({ lazyConnect: true }), prefix: 'x:', timeout: 500 }))
 expectError(new RedisStore({ client: new IORedis({ lazyConnect: true }), timeout: '1s' }))
+expectType<number>(new RedisStore({ client: new IORedis({ lazyConnect: true }), replicas: 1 }).replicas)
+expectError(new RedisStore({ client: new IORedis({ lazyConnect: true }), replicas: '1' }))
 expectError(new RedisStore({}))
+
+// PostgresStore: takes a pg Pool, whose Client class and options make its LISTEN connection
+expectType<PostgresStore>(new PostgresStore({ pool: new pg.Pool(), table: 'billing.requests' }))
+expectType<PostgresStore>(new PostgresStore({ pool: { query: async () => ({ rows: [], rowCount: 0 }) } }))
+expectError(new PostgresStore({ pool: {} }))
 expectAssignable<IdempotencyOptions>({ store: 'redis' })
 expectNotAssignable<IdempotencyOptions>({ store: 'postgres-please' })
 

@@ -2,6 +2,7 @@ import Type from 'typebox'
 import { compileOptions, withDefault } from '../options-validator.js'
 import { identityJson, parseIdentityJson } from '../key.js'
 import { withTimeout } from './timeout.js'
+import { InvalidOptionError } from '../errors.js'
 import type {
   IdempotencyRecord,
   IdempotencyStore,
@@ -27,6 +28,8 @@ export interface RedisClient {
   readonly isCluster?: boolean
   /** Told when the client is ready again after reconnecting. */
   once? (event: 'ready', listener: () => void): unknown
+  /** `replicas` only: WAIT. */
+  wait? (replicas: number, timeout: number): Promise<number>
   /** `list` only: SCAN, on a single Redis. */
   scan? (cursor: string, match: 'MATCH', pattern: string, count: 'COUNT', keys: number): Promise<[cursor: string, keys: string[]]>
   /** `list` only: a Cluster's master nodes, each scanned in turn. */
@@ -59,7 +62,8 @@ const RedisStoreOptionsSchema = Type.Object({
     description: 'an ioredis client (Redis or Cluster)'
   })),
   prefix: Type.Optional(withDefault(Type.String(), 'idem:')),
-  timeout: Type.Optional(withDefault(Type.Integer({ minimum: 1 }), 1000))
+  timeout: Type.Optional(withDefault(Type.Integer({ minimum: 1 }), 1000)),
+  replicas: Type.Optional(withDefault(Type.Integer({ minimum: 0 }), 0))
 }, { additionalProperties: false })
 
 export interface RedisStoreOptions {
@@ -69,6 +73,12 @@ export interface RedisStoreOptions {
   prefix?: string
   /** ms a call may take before it fails (and the request gets 503). Default 1000. */
   timeout?: number
+  /**
+   * Replicas that must have a claimed key and a completed response (`WAIT`, within `timeout`)
+   * before the handler runs or the response counts as saved. Default 0: Redis's asynchronous
+   * replication alone. Not on a Cluster.
+   */
+  replicas?: number
 }
 
 // A record is one Redis string, the fields every state has first and the state's own after:
@@ -261,6 +271,7 @@ export class RedisStore implements IdempotencyStore {
   readonly name = 'redis'
   readonly prefix: string
   readonly timeout: number
+  readonly replicas: number
   #client: ScriptedClient
   #steps: Step[] = []
   #sendScheduled = false
@@ -283,7 +294,10 @@ export class RedisStore implements IdempotencyStore {
     this.prefix = settings.prefix
     this.#keyPrefix = settings.client.options?.keyPrefix ?? ''
     this.timeout = settings.timeout
+    this.replicas = settings.replicas
     this.#sharded = settings.client.isCluster === true
+    // A Cluster's WAIT would have to go to the connection of the key's node, which ioredis does not expose.
+    if (this.replicas > 0 && this.#sharded) throw new InvalidOptionError('RedisStore option replicas is not supported on a Redis Cluster')
     // Without numberOfKeys, each call says how many keys it has.
     settings.client.defineCommand('idempotencySteps', { lua: `local PUBLISH = '${this.#sharded ? 'SPUBLISH' : 'PUBLISH'}'\n${STEPS}` })
     this.#client = settings.client as unknown as ScriptedClient
@@ -555,6 +569,25 @@ export class RedisStore implements IdempotencyStore {
     this.#waitToUndo({ key: step.key, owner: step.argv[2] as string, expiresAt: step.argv[3] as number, attempts: 0 })
   }
 
+  // One WAIT for the writes of a call, on the connection that made them. A claimed key that too
+  // few replicas have is given back, so that the request that gets 503 holds no key.
+  #replicate (written: Array<[Step, StepReply]>): void {
+    const wait = (this.#client as unknown as RedisClient).wait as NonNullable<RedisClient['wait']>
+    const acknowledged = withTimeout(Promise.resolve().then(() => wait.call(this.#client, this.replicas, this.timeout)), this.timeout * 2,
+      `redis WAIT did not answer within ${this.timeout * 2} ms`)
+    acknowledged.then((count) => {
+      if (count >= this.replicas) return count
+      throw new Error(`redis WAIT: ${count} of ${this.replicas} replicas acknowledged within ${this.timeout} ms`)
+    }).then(() => {
+      for (const [step, reply] of written) step.resolve(reply)
+    }, (error: unknown) => {
+      for (const [step] of written) {
+        this.#lostInsert(step)
+        step.reject(error as Error)
+      }
+    })
+  }
+
   #call (steps: Step[]): void {
     const arguments_: StepArgument[] = [steps.length]
     for (const step of steps) arguments_.push(step.key)
@@ -583,11 +616,15 @@ export class RedisStore implements IdempotencyStore {
       }
       pending = false
       clearTimeout(timer)
+      const written: Array<[Step, StepReply]> = []
       for (let index = 0; index < steps.length; index++) {
+        const step = steps[index] as Step
         const reply = replies[index] as StepReply | Error
-        if (reply instanceof Error) (steps[index] as Step).reject(reply)
-        else (steps[index] as Step).resolve(reply)
+        if (reply instanceof Error) step.reject(reply)
+        else if (this.replicas > 0 && isDurable(step, reply)) written.push([step, reply])
+        else step.resolve(reply)
       }
+      if (written.length > 0) this.#replicate(written)
     }, (error: Error) => {
       // A call that never left this process wrote nothing; its deletes are still to be made.
       const lost = !thrown && !neverSent(error)
@@ -601,6 +638,11 @@ export class RedisStore implements IdempotencyStore {
       for (const step of steps) step.reject(error)
     })
   }
+}
+
+// A claimed key (an insert answered 1 or 2) and a saved response: what `replicas` waits for.
+function isDurable (step: Step, reply: StepReply): boolean {
+  return typeof reply === 'number' && reply > 0 && (step.operation === 'insert' || (step.operation === 'update' && step.argv[0] === 'c'))
 }
 
 // A processing record's lease end, and a processing or halted record's origin, when it has one.

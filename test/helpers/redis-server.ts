@@ -1,5 +1,5 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
-import { accessSync, constants, mkdtempSync, rmSync } from 'node:fs'
+import { accessSync, constants, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { once } from 'node:events'
 import { connect, createServer, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
@@ -255,13 +255,17 @@ interface Running {
 
 function spawnServer (port: number, dir: string, extra: string[]): Running {
   // --logfile '' logs to stdout, which is kept for the error messages.
-  const child = spawn(requiredBinary(), [
+  return spawnRedis(dir, [
     '--port', String(port), '--bind', HOST, '--protected-mode', 'yes', '--dir', dir,
     '--daemonize', 'no', '--logfile', '', '--save', '',
     // The store tests block the server with DEBUG SLEEP to provoke timeouts.
     '--enable-debug-command', 'local',
     ...extra
-  ], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] })
+  ])
+}
+
+function spawnRedis (dir: string, args: string[]): Running {
+  const child = spawn(requiredBinary(), args, { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] })
   let output = ''
   const keep = (chunk: Buffer) => {
     output += chunk.toString()
@@ -469,5 +473,113 @@ export async function startRedisCluster (masters = 3): Promise<RedisClusterServe
   return {
     nodes: members.map((member) => ({ host: HOST, port: member.port })),
     stop
+  }
+}
+
+/** A primary, two replicas of it and three Sentinels watching them, on free 127.0.0.1 ports. */
+export interface RedisSentinelServers {
+  /** The name the Sentinels know the primary by. */
+  readonly name: string
+  readonly sentinels: Array<{ host: string, port: number }>
+  /** The primary and the replicas, in the roles they started in. */
+  readonly servers: [SentinelMember, SentinelMember, SentinelMember]
+  /** The port of the server the Sentinels name primary now. */
+  primary (): Promise<number>
+  /** Stops every process and removes their folders. */
+  stop (): Promise<void>
+}
+
+/** A server watched by the Sentinels: killed with SIGKILL, paused with SIGSTOP and resumed with SIGCONT. */
+export interface SentinelMember { port: number, kill: () => Promise<void>, pause: () => void, resume: () => void }
+
+const SENTINEL_TIMEOUT = 30_000
+
+async function until (what: string, check: () => Promise<boolean>, timeout = SENTINEL_TIMEOUT): Promise<void> {
+  const deadline = Date.now() + timeout
+  while (!await check().catch(() => false)) {
+    if (Date.now() > deadline) throw new Error(`${what} within ${timeout / 1000} s`)
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+}
+
+/**
+ * Starts a primary and two replicas of it (so that a promoted one still has a replica), then three
+ * Sentinels that watch them (quorum 2, a server down after 1 s), and waits until each Sentinel
+ * knows the replicas and the other two.
+ */
+export async function startRedisSentinel (): Promise<RedisSentinelServers> {
+  const name = 'primary'
+  const members: Array<{ port: number, dir: string, running?: Running }> = []
+  const stop = async () => {
+    await Promise.all(members.map(async (member) => {
+      if (member.running !== undefined) {
+        member.running.child.kill('SIGCONT')
+        await endServer(member.running, 'SIGKILL')
+      }
+      removeFolder(member.dir)
+    }))
+    members.length = 0
+  }
+  const member = () => {
+    const entry: { port: number, dir: string, running?: Running } = { port: 0, dir: mkdtempSync(join(tmpdir(), 'idempotency-sentinel-')) }
+    track(entry.dir)
+    members.push(entry)
+    return entry
+  }
+  const dataServer = async (extra: string[]) => {
+    const entry = member()
+    const launched = await launchOnFreePort(entry.dir, () => ['--appendonly', 'no', ...extra])
+    entry.port = launched.port
+    entry.running = launched.running
+    return entry
+  }
+  try {
+    const primary = await dataServer([])
+    const replicas = await Promise.all([0, 1].map(async () => await dataServer(['--replicaof', HOST, String(primary.port)])))
+    for (const replica of replicas) {
+      await until('a replica did not sync', async () => String(await redisCommand(replica.port, 'INFO', 'replication')).includes('master_link_status:up'))
+    }
+    const sentinels = await Promise.all(Array.from({ length: 3 }, async () => {
+      const entry = member()
+      entry.port = await freePort()
+      const config = join(entry.dir, 'sentinel.conf')
+      writeFileSync(config, [
+        `port ${entry.port}`, `bind ${HOST}`, `dir ${entry.dir}`, 'protected-mode yes',
+        `sentinel monitor ${name} ${HOST} ${primary.port} 2`,
+        `sentinel down-after-milliseconds ${name} 1000`,
+        `sentinel failover-timeout ${name} 10000`
+      ].join('\n') + '\n')
+      entry.running = spawnRedis(entry.dir, [config, '--sentinel', '--logfile', ''])
+      return entry
+    }))
+    for (const sentinel of sentinels) {
+      await until(`the Sentinel on ${HOST}:${sentinel.port} did not see the replicas and the other Sentinels`, async () => {
+        const reply = await redisCommand(sentinel.port, 'SENTINEL', 'MASTER', name) as string[]
+        const field = (key: string) => reply[reply.indexOf(key) + 1]
+        return field('num-slaves') === '2' && field('num-other-sentinels') === '2'
+      })
+    }
+    const handle = (entry: { port: number, running?: Running }): SentinelMember => ({
+      port: entry.port,
+      kill: async () => { if (entry.running !== undefined) await endServer(entry.running, 'SIGKILL') },
+      pause: () => { entry.running?.child.kill('SIGSTOP') },
+      resume: () => { entry.running?.child.kill('SIGCONT') }
+    })
+    return {
+      name,
+      sentinels: sentinels.map((sentinel) => ({ host: HOST, port: sentinel.port })),
+      servers: [handle(primary), handle(replicas[0] as typeof primary), handle(replicas[1] as typeof primary)],
+      primary: async () => {
+        for (const sentinel of sentinels) {
+          const address = await redisCommand(sentinel.port, 'SENTINEL', 'GET-MASTER-ADDR-BY-NAME', name).catch(() => null) as string[] | null
+          if (address !== null) return Number(address[1])
+        }
+        throw new Error('no Sentinel answered')
+      },
+      stop
+    }
+  } catch (error) {
+    await stop()
+    throw error
   }
 }
