@@ -295,6 +295,8 @@ export class PostgresStore implements IdempotencyStore {
     if (this.#listener !== listener) return
     this.#listener = undefined
     this.#listening = undefined
+    // One retry at a time: a timer left behind would open a connection after close().
+    clearTimeout(this.#reconnect)
     if (this.#closed || this.#watchers.size === 0) return
     this.#reconnect = setTimeout(() => {
       // Marks a record a lost connection could not, then has every waiter look again.

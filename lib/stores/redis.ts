@@ -28,8 +28,9 @@ export interface RedisClient {
   readonly isCluster?: boolean
   /** Told when the client is ready again after reconnecting. */
   once? (event: 'ready', listener: () => void): unknown
-  /** `replicas` only: WAIT. */
+  /** `replicas` only: WAIT, and the connection's close, after which a WAIT counts nothing. */
   wait? (replicas: number, timeout: number): Promise<number>
+  on? (event: 'close', listener: () => void): unknown
   /** `list` only: SCAN, on a single Redis. */
   scan? (cursor: string, match: 'MATCH', pattern: string, count: 'COUNT', keys: number): Promise<[cursor: string, keys: string[]]>
   /** `list` only: a Cluster's master nodes, each scanned in turn. */
@@ -287,6 +288,8 @@ export class RedisStore implements IdempotencyStore {
   #subscriber: Subscriber | undefined
   #watchers = new Map<string, Set<() => void>>()
   readonly #sharded: boolean
+  // Closes of the client's connection: a WAIT answered on another connection than its writes'.
+  #closes = 0
   // ioredis's own keyPrefix: the script's keys and channels carry it, SCAN's patterns do not.
   readonly #keyPrefix: string
   constructor (options: RedisStoreOptions) {
@@ -298,6 +301,7 @@ export class RedisStore implements IdempotencyStore {
     this.#sharded = settings.client.isCluster === true
     // A Cluster's WAIT would have to go to the connection of the key's node, which ioredis does not expose.
     if (this.replicas > 0 && this.#sharded) throw new InvalidOptionError('RedisStore option replicas is not supported on a Redis Cluster')
+    if (this.replicas > 0) (settings.client.on as NonNullable<RedisClient['on']>).call(settings.client, 'close', () => { this.#closes++ })
     // Without numberOfKeys, each call says how many keys it has.
     settings.client.defineCommand('idempotencySteps', { lua: `local PUBLISH = '${this.#sharded ? 'SPUBLISH' : 'PUBLISH'}'\n${STEPS}` })
     this.#client = settings.client as unknown as ScriptedClient
@@ -573,10 +577,12 @@ export class RedisStore implements IdempotencyStore {
   // few replicas have is given back, so that the request that gets 503 holds no key.
   #replicate (written: Array<[Step, StepReply]>): void {
     const wait = (this.#client as unknown as RedisClient).wait as NonNullable<RedisClient['wait']>
+    const closes = this.#closes
     const acknowledged = withTimeout(Promise.resolve().then(() => wait.call(this.#client, this.replicas, this.timeout)), this.timeout * 2,
       `redis WAIT did not answer within ${this.timeout * 2} ms`)
     acknowledged.then((count) => {
-      if (count >= this.replicas) return count
+      // ioredis sends a WAIT again on a new connection, whose writes are none: then it proves nothing.
+      if (count >= this.replicas && this.#closes === closes) return count
       throw new Error(`redis WAIT: ${count} of ${this.replicas} replicas acknowledged within ${this.timeout} ms`)
     }).then(() => {
       for (const [step, reply] of written) step.resolve(reply)
