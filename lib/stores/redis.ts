@@ -47,7 +47,7 @@ export interface RedisClient {
 
 /** What `watch` needs of the connection `duplicate()` gives: channels, or a Cluster's sharded channels. */
 interface Subscriber {
-  subscribe (channel: string): Promise<unknown>
+  subscribe (...channels: string[]): Promise<unknown>
   unsubscribe (channel: string): Promise<unknown>
   ssubscribe (channel: string): Promise<unknown>
   sunsubscribe (channel: string): Promise<unknown>
@@ -433,15 +433,22 @@ export class RedisStore implements IdempotencyStore {
   }
 
   #subscribe (duplicate: NonNullable<RedisClient['duplicate']>): Subscriber {
-    const subscriber = this.#sharded ? duplicate([], { shardedSubscribers: true }) : duplicate()
+    // ioredis's own resubscription leaves its promise unhandled when the connection closes again:
+    // the store subscribes again itself. A Cluster's sharded subscribers resubscribe on their own.
+    const subscriber = this.#sharded ? duplicate([], { shardedSubscribers: true }) : duplicate({ autoResubscribe: false })
     this.#subscriber = subscriber
     subscriber.on(this.#sharded ? 'smessage' : 'message', (channel) => {
       this.#watchers.get(channel)?.forEach((told) => { told() })
     })
     // Ready again after a reconnect, messages may have been lost meanwhile: every waiter looks again
     // (at the first connection too, which costs a look).
-    subscriber.on(this.#sharded ? 'subscribersReady' : 'ready', () => {
+    const tellAll = (): void => {
       for (const listeners of this.#watchers.values()) for (const told of listeners) told()
+    }
+    subscriber.on(this.#sharded ? 'subscribersReady' : 'ready', () => {
+      const channels = [...this.#watchers.keys()]
+      const subscribed = this.#sharded || channels.length === 0 ? Promise.resolve() : subscriber.subscribe(...channels)
+      subscribed.then(tellAll, tellAll)
     })
     // A failed connection is retried by ioredis; the waiters look again on their own meanwhile.
     subscriber.on('error', ignore)
