@@ -6,7 +6,7 @@ import { connections, load, rate, start } from './servers.js'
 const seconds = Number(process.env.BENCH_SECONDS ?? 2)
 const runs = Number(process.env.BENCH_RUNS ?? 11)
 const warmup = Number(process.env.BENCH_WARMUP ?? 2)
-const variants = (process.env.BENCH_VARIANTS ?? 'control,floor,memory,floor-redis,redis').split(',')
+const variants = (process.env.BENCH_VARIANTS ?? 'control,floor,memory,floor-redis,redis,node-idempotency-redis').split(',')
 const scenarios = (process.env.BENCH_SCENARIOS ?? 'fresh,replay,none').split(',')
 // `together` (the default): all servers at once, so that every round's window is the same for
 // all of them; each gets 1 500 req/s unless BENCH_RATE says. `turns`: one server at a time.
@@ -39,7 +39,8 @@ function cpuPerRequest (before, after, result) {
     cpu: (after.server - before.server) / requests + store,
     store,
     bad: result.non2xx + result.errors + result.timeouts,
-    faults: (after.faults - before.faults) / requests
+    faults: (after.faults - before.faults) / requests,
+    wakeups: (after.wakeups - before.wakeups) / requests
   }
 }
 
@@ -70,8 +71,15 @@ async function measure (scenario) {
       // The plugin against the least an idempotency layer does, in the same rounds: the median of
       // the per-round differences of their CPU per request, in units of bare Fastify's.
       const floor = samples.get(floorOf(variant))
-      if (floor !== undefined && !['bare', 'control', 'floor', 'floor-redis'].includes(variant)) {
+      if (floor !== undefined && !['bare', 'control', 'floor', 'floor-redis', 'node-idempotency-redis'].includes(variant)) {
         overFloor.push({ scenario, variant, differences: list.map((entry, run) => (entry.cpu - floor[run].cpu) / bare[run].cpu).sort((a, b) => a - b) })
+      }
+      // The plugin's Redis store against @node-idempotency's Redis adapter, in the same rounds:
+      // the whole request's CPU (app and Redis), and Redis's alone.
+      const rival = samples.get('node-idempotency-redis')
+      if (rival !== undefined && variant.replace(/^before-/, '').startsWith('redis')) {
+        const ratios = (of) => list.map((entry, run) => of(entry) / of(rival[run])).sort((a, b) => a - b)
+        versus.push({ scenario, variant, whole: ratios((entry) => entry.cpu), store: ratios((entry) => entry.store) })
       }
     }
     return [...samples].map(([variant, list]) => ({
@@ -84,7 +92,8 @@ async function measure (scenario) {
       ratio: median(list.map((entry, run) => entry.cpu / bare[run].cpu)),
       ratios: list.map((entry, run) => entry.cpu / bare[run].cpu).sort((a, b) => a - b),
       bad: list.reduce((sum, entry) => sum + entry.bad, 0),
-      faults: median(list.map((entry) => entry.faults))
+      faults: median(list.map((entry) => entry.faults)),
+      wakeups: median(list.map((entry) => entry.wakeups))
     }))
   } finally {
     for (const server of servers.values()) await server.stop()
@@ -94,15 +103,26 @@ async function measure (scenario) {
 const rows = []
 const pairs = []
 const overFloor = []
+const versus = []
 const floorOf = (variant) => variant.replace(/^before-/, '').endsWith('redis') ? 'floor-redis' : variant === 'postgres' ? undefined : 'floor'
 for (const scenario of scenarios) rows.push(...await measure(scenario))
 
 console.log(`\nfastify-idempotency benchmark, ${new Date().toISOString().slice(0, 10)}, Node ${process.version}, ` +
   `${connections} connections at ${offered > 0 ? `${offered} req/s` : 'full speed'}${mode === 'together' ? ' each, all servers at once' : ', servers in turns'}, ${runs} runs of ${seconds} s (medians; ratio = median of per-run ratios)\n`)
-console.log('| scenario | server | req/s | p99 ms | CPU µs/req | of which store | CPU ÷ bare | lowest–highest run | page faults/req | non-2xx/errors |')
-console.log('| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+// One Redis core runs a command at a time: its CPU per request bounds the requests per second of
+// the whole fleet that shares it.
+console.log('| scenario | server | req/s | p99 ms | CPU µs/req | of which store | store core ceiling, req/s | Redis wake-ups/req | CPU ÷ bare | lowest–highest run | page faults/req | non-2xx/errors |')
+console.log('| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
 for (const row of rows) {
-  console.log(`| ${row.scenario} | ${row.variant} | ${Math.round(row.rps)} | ${row.p99} | ${row.cpu.toFixed(1)} | ${row.store.toFixed(1)} | ${row.ratio.toFixed(2)} | ${row.ratios[0].toFixed(2)}–${row.ratios.at(-1).toFixed(2)} | ${row.faults.toFixed(3)} | ${row.bad} |`)
+  const ceiling = row.store > 0 ? Math.round(1e6 / row.store) : '–'
+  console.log(`| ${row.scenario} | ${row.variant} | ${Math.round(row.rps)} | ${row.p99} | ${row.cpu.toFixed(1)} | ${row.store.toFixed(1)} | ${ceiling} | ${row.store > 0 ? row.wakeups.toFixed(2) : '–'} | ${row.ratio.toFixed(2)} | ${row.ratios[0].toFixed(2)}–${row.ratios.at(-1).toFixed(2)} | ${row.faults.toFixed(3)} | ${row.bad} |`)
+}
+if (versus.length > 0) {
+  console.log('\n| scenario | server | whole request ÷ node-idempotency-redis, same round | lowest–highest | Redis CPU ÷ node-idempotency-redis\'s | lowest–highest |')
+  console.log('| --- | --- | ---: | ---: | ---: | ---: |')
+  for (const row of versus) {
+    console.log(`| ${row.scenario} | ${row.variant} | ${median(row.whole).toFixed(3)} | ${row.whole[0].toFixed(2)}–${row.whole.at(-1).toFixed(2)} | ${median(row.store).toFixed(3)} | ${row.store[0].toFixed(2)}–${row.store.at(-1).toFixed(2)} |`)
+  }
 }
 if (overFloor.length > 0) {
   console.log('\n| scenario | server | (CPU − floor) ÷ bare, same round | lowest–highest round |')

@@ -1,11 +1,13 @@
 // One benchmark server in its own process:
-// `node benchmarks/server.js <bare|control|floor|floor-redis|memory|full|redis|postgres|before-memory|before-redis>`,
+// `node benchmarks/server.js <bare|control|floor|floor-redis|node-idempotency-redis|memory|full|redis|postgres|before-memory|before-redis>`,
 // each store variant also as `<variant>-wait` (duplicates wait 5 s for the first request instead of a 409).
 // It reports its port over IPC and answers { cpu } with its own CPU time, so the runner measures
 // only this process's work, not autocannon's.
 import Fastify from 'fastify'
 import { Redis } from 'ioredis'
 import pg from 'pg'
+import { Idempotency, IdempotencyError } from '@node-idempotency/core'
+import { RedisStorageAdapter } from '@node-idempotency/storage-adapter-redis'
 
 const variant = process.argv[2] ?? 'bare'
 const app = Fastify({ logger: false })
@@ -17,7 +19,7 @@ const storeName = (before ? variant.slice('before-'.length) : variant).replace(/
 const { default: idempotency, MemoryStore, PostgresStore, RedisStore } = await import(before ? `${process.env.BENCH_BEFORE}/index.js` : '../dist/index.js')
 
 // `control` is bare Fastify again, measured as a variant: its ratio to bare is the run's noise.
-if (!['bare', 'control', 'floor', 'floor-redis'].includes(variant)) {
+if (!['bare', 'control', 'floor', 'floor-redis', 'node-idempotency-redis'].includes(variant)) {
   await app.register(idempotency, { store: await storeFor(storeName), required: false, ...(waits ? { wait: 5000 } : {}) })
 }
 
@@ -27,6 +29,7 @@ async function createOrder (request, reply) {
 
 if (variant === 'floor') app.post('/orders', floorRoute(createOrder, mapRecords()))
 else if (variant === 'floor-redis') app.post('/orders', floorRoute(createOrder, redisRecords(redisClient())))
+else if (variant === 'node-idempotency-redis') app.post('/orders', await nodeIdempotencyRoute(createOrder))
 else app.post('/orders', { config: { idempotency: true } }, createOrder)
 // For the `duplicates` scenario: an order that takes 20 ms, long enough for duplicates to meet it running.
 app.post('/slow-orders', { config: { idempotency: true } }, async (request, reply) => {
@@ -126,8 +129,38 @@ function redisRecords (client) {
   }
 }
 
+// `node-idempotency-redis`: @node-idempotency/core with its Redis adapter (node-redis), the way
+// its README wires it to a framework: the request before the handler, the response at onSend.
+async function nodeIdempotencyRoute (handler) {
+  const storage = new RedisStorageAdapter({ url: `redis://127.0.0.1:${process.env.BENCH_REDIS_PORT}` })
+  await storage.connect()
+  app.addHook('onClose', async () => { await storage.disconnect() })
+  const idempotency = new Idempotency(storage, { cacheTTLMS: 86_400_000 })
+  const asked = (request) => ({ headers: request.headers, body: request.body, path: request.url, method: request.method })
+  app.decorateRequest('replayed', false)
+  return {
+    async preHandler (request, reply) {
+      try {
+        const response = await idempotency.onRequest(asked(request))
+        if (response === undefined) return
+        request.replayed = true
+        return reply.code(response.statusCode).headers(response.headers).send(response.body)
+      } catch (error) {
+        if (!(error instanceof IdempotencyError)) throw error
+        return reply.code(error.code === 'REQUEST_IN_PROGRESS' ? 409 : 422).send()
+      }
+    },
+    async onSend (request, reply, payload) {
+      if (request.headers['idempotency-key'] === undefined || request.replayed || reply.statusCode >= 400) return payload
+      await idempotency.onResponse(asked(request), { statusCode: reply.statusCode, headers: reply.getHeaders(), body: payload })
+      return payload
+    },
+    handler
+  }
+}
+
 function redisClient () {
-  const client = new Redis({ host: '127.0.0.1', port: Number(process.env.BENCH_REDIS_PORT) })
+  const client = new Redis({ host: '127.0.0.1', port: Number(process.env.BENCH_REDIS_PORT), enableAutoPipelining: process.env.BENCH_AUTOPIPELINING === '1' })
   app.addHook('onClose', async () => { client.disconnect() })
   return client
 }

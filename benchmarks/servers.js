@@ -62,7 +62,7 @@ async function startRedis () {
   for (let attempt = 0; attempt < 100 && !await answers(port); attempt++) {
     await new Promise((resolve) => setTimeout(resolve, 50))
   }
-  return { port, cpu: () => processCpu(child.pid), stop: async () => { child.kill('SIGTERM'); await once(child, 'exit') } }
+  return { port, cpu: () => processCpu(child.pid), wakeups: () => wakeups(child.pid), stop: async () => { child.kill('SIGTERM'); await once(child, 'exit') } }
 }
 
 // Fields of /proc/PID/stat after the process name: state is [0], minflt [7], utime [11], stime [12].
@@ -74,10 +74,26 @@ function processStat (pid) {
   }
 }
 
-// utime + stime of a process, in µs, from /proc (clock ticks of 10 ms)
+// Time a process's threads spent on a CPU, in µs, from /proc (ns, where utime and stime count
+// clock ticks of 10 ms: too coarse for a Redis that spends a few ms per round).
 function processCpu (pid) {
-  const fields = processStat(pid)
-  return fields === undefined ? 0 : (Number(fields[11]) + Number(fields[12])) * 10_000
+  try {
+    let total = 0
+    for (const task of readdirSync(`/proc/${pid}/task`)) total += Number(readFileSync(`/proc/${pid}/task/${task}/schedstat`, 'utf8').split(' ')[0])
+    return total / 1000
+  } catch {
+    return 0
+  }
+}
+
+// How often a process went to sleep and was woken: Redis sleeps in epoll_wait when it has nothing
+// to read, so its wake-ups count the reads that found commands, each with its syscalls.
+function wakeups (pid) {
+  try {
+    return Number(/voluntary_ctxt_switches:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))[1])
+  } catch {
+    return 0
+  }
 }
 
 // Every process named postgres: the server and its backends.
@@ -107,7 +123,7 @@ export async function start (variant, { execArgv = [] } = {}) {
   const cpu = async () => {
     child.send('cpu')
     const [{ cpu: usage }] = await once(child, 'message')
-    return { server: usage.user + usage.system, store: storeCpu(), faults: Number(processStat(child.pid)?.[7] ?? 0) }
+    return { server: usage.user + usage.system, store: storeCpu(), wakeups: redis?.wakeups() ?? 0, faults: Number(processStat(child.pid)?.[7] ?? 0) }
   }
   return {
     port,
