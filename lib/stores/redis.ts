@@ -91,23 +91,33 @@ export interface RedisStoreOptions {
 // operators (empty when the tracker gave none); a completed record does not keep it.
 // Times are ms since the epoch; the fingerprint's length is in bytes, so that it may hold any
 // character, and JSON never holds a raw newline. A string costs Redis one command to read and one
-// to write with its expiry (SET PXAT, Redis 6.2), where a hash took three: per fresh key, four
-// commands instead of six. Leases are judged by Redis's own clock (TIME), so that app servers whose
-// clocks differ never disagree about them; a processing record whose lease lapsed is answered with
-// its first letter changed to l. A processing record that a duplicate waits for is marked P (and
-// answered L once lapsed): its completion, halt or deletion is published on a channel named by its
-// key, in the same step; an unmarked record's end publishes nothing.
+// to write with its expiry. Leases are judged by Redis's own clock, so that app servers whose
+// clocks differ never disagree about them: a lease end is a time (TIME), or ~<ms>, that many ms
+// before the key expires (PTTL). A claim writes the record the app built, ~<ms> included, with an
+// expiry in ms (PX) that Redis counts from its own clock: claiming a key reads no time, which
+// costs a command per fresh key. A processing record whose lease lapsed is answered with its first
+// letter changed to l, and its lease end as a time.
+// A processing record that a duplicate waits for is marked P (and answered L once lapsed): its
+// completion, halt or deletion is published on a channel named by its key, in the same step; an
+// unmarked record's end publishes nothing.
 //
 // Every operation is one step of one script: KEYS[i] is step i's key, and ARGV holds each
 // step's kind followed by its arguments. The steps of one turn of the event loop go to Redis as
 // one call, so that requests arriving together cost one command and one round trip; each step
 // still reads and writes only its own key, atomically. On a Cluster, where one call may only
 // touch one slot, every step is a call of its own.
-const STEPS = `local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local find, sub, byte = string.find, string.sub, string.byte
+const STEPS = `local find, sub, byte = string.find, string.sub, string.byte
 local out = {}
 local a = 1
+-- Redis's time, read once per call, by the steps that need it.
+local now
+local function clock ()
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now
+end
 -- Where the expiry, the fingerprint and the fingerprint's length end.
 local function fields (r)
   local expiresEnd = find(r, '\\n', 3, true)
@@ -115,11 +125,19 @@ local function fields (r)
   return expiresEnd, lengthEnd + tonumber(sub(r, expiresEnd + 1, lengthEnd - 1)), lengthEnd
 end
 local function running (b) return b == 112 or b == 80 end
-local function answer (r)
+local function answer (key, r)
   local b = byte(r, 1)
   if not running(b) then return r end
   local _, fingerprintEnd = fields(r)
-  if tonumber(sub(r, fingerprintEnd + 1, find(r, '\\n', fingerprintEnd + 1, true) - 1)) > now then return r end
+  local leaseEnd = find(r, '\\n', fingerprintEnd + 1, true)
+  local lease
+  if byte(r, fingerprintEnd + 1) == 126 then
+    lease = clock() + redis.call('PTTL', key) - tonumber(sub(r, fingerprintEnd + 2, leaseEnd - 1))
+    r = sub(r, 1, fingerprintEnd) .. lease .. sub(r, leaseEnd)
+  else
+    lease = tonumber(sub(r, fingerprintEnd + 1, leaseEnd - 1))
+  end
+  if lease > clock() then return r end
   return (b == 80 and 'L' or 'l') .. sub(r, 2)
 end
 -- The end of a record that a duplicate waits for is told on the channel named by its key: on a
@@ -131,7 +149,7 @@ local function step (key, kind, a)
   if kind == 'x' then
     local r = redis.call('GET', key)
     -- A running record whose lease is live is left: its owner still runs.
-    if not r or running(byte(answer(r), 1)) then return 0 end
+    if not r or running(byte(answer(key, r), 1)) then return 0 end
     redis.call('DEL', key)
     told(key, r)
     return 1
@@ -142,21 +160,25 @@ local function step (key, kind, a)
     return 1
   end
   if kind == 'i' then
-    local fingerprint, expiresAt = ARGV[a + 1], ARGV[a + 3]
+    -- ARGV: the record to write, px, the lease, and 1 to take over a lapsed lease.
     local r = redis.call('GET', key)
-    if r then r = answer(r) end
-    local takeOver = r and (byte(r, 1) == 108 or byte(r, 1) == 76) and ARGV[a + 5] == '1'
-    if takeOver then
-      local _, fingerprintEnd, lengthEnd = fields(r)
-      takeOver = sub(r, lengthEnd + 1, fingerprintEnd) == fingerprint
+    if not r then
+      redis.call('SET', key, ARGV[a + 1], 'PX', ARGV[a + 2])
+      return 1
     end
-    if r and not takeOver then return r end
+    r = answer(key, r)
+    local b = byte(r, 1)
+    if ARGV[a + 4] ~= '1' or not (b == 108 or b == 76) then return r end
+    local claimed = ARGV[a + 1]
+    local _, fingerprintEnd, lengthEnd = fields(r)
+    local _, claimedEnd, claimedLengthEnd = fields(claimed)
+    if sub(r, lengthEnd + 1, fingerprintEnd) ~= sub(claimed, claimedLengthEnd + 1, claimedEnd) then return r end
     -- Who waited for the lapsed record waits for the one taking it over.
-    redis.call('SET', key, (takeOver and byte(r, 1) == 76 and 'P' or 'p') .. '\\n' .. expiresAt .. '\\n' .. #fingerprint .. '\\n' .. fingerprint .. (now + tonumber(ARGV[a + 4])) .. '\\n' .. ARGV[a + 2] .. '\\n' .. ARGV[a + 6], 'PXAT', expiresAt)
-    return takeOver and 2 or 1
+    redis.call('SET', key, (b == 76 and 'P' or 'p') .. sub(claimed, 2), 'PX', ARGV[a + 2])
+    return 2
   end
   local r = redis.call('GET', key)
-  if kind == 'l' then return r and answer(r) or 0 end
+  if kind == 'l' then return r and answer(key, r) or 0 end
   if not r or not running(byte(r, 1)) then return 0 end
   local expiresEnd, fingerprintEnd = fields(r)
   local leaseEnd = find(r, '\\n', fingerprintEnd + 1, true)
@@ -165,20 +187,20 @@ local function step (key, kind, a)
   if kind == 'd' then
     redis.call('DEL', key)
   elseif kind == 'r' then
-    local lease = now + tonumber(ARGV[a + 2])
+    local lease = clock() + tonumber(ARGV[a + 2])
     local expiresAt = math.max(tonumber(sub(r, 3, expiresEnd - 1)), lease)
     redis.call('SET', key, sub(r, 1, 2) .. expiresAt .. sub(r, expiresEnd, fingerprintEnd) .. lease .. sub(r, leaseEnd), 'PXAT', expiresAt)
     return 1
   elseif kind == 'h' then
     redis.call('SET', key, 'h\\n' .. ARGV[a + 2] .. sub(r, expiresEnd, fingerprintEnd) .. (ownerEnd and sub(r, ownerEnd + 1) or ''), 'PXAT', ARGV[a + 2])
   else
-    redis.call('SET', key, 'c\\n' .. ARGV[a + 2] .. sub(r, expiresEnd, fingerprintEnd) .. ARGV[a + 3] .. '\\n' .. ARGV[a + 4] .. '\\n' .. ARGV[a + 5], 'PXAT', ARGV[a + 2])
+    redis.call('SET', key, 'c\\n' .. ARGV[a + 2] .. sub(r, expiresEnd, fingerprintEnd) .. ARGV[a + 3] .. ARGV[a + 4], 'PXAT', ARGV[a + 2])
   end
   told(key, r)
   return 1
 end
 -- How many ARGV each kind of step takes, its kind included.
-local sizes = {i = 7, l = 1, d = 2, r = 3, h = 3, c = 6, x = 1, w = 1}
+local sizes = {i = 5, l = 1, d = 2, r = 3, h = 3, c = 5, x = 1, w = 1}
 -- A step that fails (a key of another type, a value this store did not write) fails alone.
 for i = 1, #KEYS do
   local kind = ARGV[a]
@@ -221,6 +243,8 @@ interface Step {
   reject: (error: Error) => void
   /** A delete of a lost insert: tried again when its call fails. */
   retry: Undo | undefined
+  /** An insert's owner and expiry: what a delete of it, should its outcome be lost, needs. */
+  claim: Pick<Undo, 'owner' | 'expiresAt'> | undefined
 }
 
 /** The command `defineCommand` adds to the client: numkeys, the keys, then ARGV. */
@@ -308,10 +332,12 @@ export class RedisStore implements IdempotencyStore {
   }
 
   async insert (key: string, record: NewRecord): Promise<InsertResult> {
-    // #lostInsert reads the owner and expiresAt back from argv[2] and argv[3].
     const origin = record.identity === undefined && record.createdAt === undefined ? '' : identityJson({ createdAt: record.createdAt, identity: record.identity })
-    const reply = await this.#step('insert', this.prefix + key,
-      ['i', record.fingerprint, record.owner, record.expiresAt, record.lease, record.takeOverExpiredLease ? 1 : 0, origin], 0)
+    // The key expires px ms after it is claimed, by Redis's clock, and the lease ~<ms> before that.
+    const px = Math.max(1, record.expiresAt - Date.now())
+    const claimed = `p\n${record.expiresAt}\n${Buffer.byteLength(record.fingerprint)}\n${record.fingerprint}~${Math.max(0, px - record.lease)}\n${record.owner}\n${origin}`
+    const reply = await this.#step('insert', this.prefix + key, ['i', claimed, px, record.lease, record.takeOverExpiredLease ? 1 : 0], 0,
+      { owner: record.owner, expiresAt: record.expiresAt })
     if (typeof reply === 'number') return reply === 2 ? TOOK_OVER : INSERTED
     return { inserted: false, record: this.#toRecord(reply) }
   }
@@ -383,7 +409,7 @@ export class RedisStore implements IdempotencyStore {
       const { statusCode, headers, body } = update.response
       // The headers as a string, as the other arguments mostly are: one Buffer among them makes
       // ioredis copy the whole command into a new Buffer.
-      argv = ['c', owner, update.expiresAt, statusCode, JSON.stringify(headers), body]
+      argv = ['c', owner, update.expiresAt, `${statusCode}\n${JSON.stringify(headers)}\n`, body]
       bytes = body.length
     }
     return await this.#step('update', this.prefix + key, argv, bytes) === 1
@@ -492,12 +518,12 @@ export class RedisStore implements IdempotencyStore {
     return record
   }
 
-  #step (operation: string, key: string, argv: StepArgument[], bytes: number): Promise<StepReply> {
+  #step (operation: string, key: string, argv: StepArgument[], bytes: number, claim?: Step['claim']): Promise<StepReply> {
     const status = this.#client.status
     if (DISCONNECTED.has(status)) return Promise.reject(new Error(`redis ${operation} failed: the client is ${status}`))
     return new Promise((resolve, reject) => {
       this.#scheduleSend()
-      this.#steps.push({ operation, key, argv, bytes, resolve, reject, retry: undefined })
+      this.#steps.push({ operation, key, argv, bytes, resolve, reject, retry: undefined, claim })
     })
   }
 
@@ -564,7 +590,7 @@ export class RedisStore implements IdempotencyStore {
     for (const undo of undos) {
       if (undo.expiresAt <= now) continue
       const retry: Undo = { ...undo, attempts: undo.attempts + 1 }
-      deletes.push({ operation: 'delete', key: undo.key, argv: ['d', undo.owner], bytes: 0, resolve: ignore, reject: ignore, retry })
+      deletes.push({ operation: 'delete', key: undo.key, argv: ['d', undo.owner], bytes: 0, resolve: ignore, reject: ignore, retry, claim: undefined })
     }
     // More wait than one call takes: the next call takes them.
     if (this.#undos.length > 0) this.#scheduleSend()
@@ -576,8 +602,8 @@ export class RedisStore implements IdempotencyStore {
   // what a dropped connection left unanswered): once ioredis is done with its call, a
   // delete-if-owner follows it, so that a request that got no answer holds no key.
   #lostInsert (step: Step): void {
-    if (step.operation !== 'insert') return
-    this.#waitToUndo({ key: step.key, owner: step.argv[2] as string, expiresAt: step.argv[3] as number, attempts: 0 })
+    if (step.claim === undefined) return
+    this.#waitToUndo({ key: step.key, owner: step.claim.owner, expiresAt: step.claim.expiresAt, attempts: 0 })
   }
 
   // One WAIT for the writes of a call, on the connection that made them. A claimed key that too

@@ -343,6 +343,46 @@ if (requireRedis(t)) {
     t.equal(counter.calls(), 5)
   })
 
+  t.test('a claimed key\'s lease is judged by Redis\'s clock, however far the app\'s clock is off', async (t) => {
+    const client = new Redis({ host: '127.0.0.1', port: server.port })
+    const realNow = Date.now
+    t.teardown(() => { Date.now = realNow; client.disconnect() })
+    const store = new RedisStore({ client, prefix: 'skew:' })
+    // The app's clock an hour ahead: a record it keeps for two minutes, with a lease of 300 ms.
+    Date.now = () => realNow() + 3_600_000
+    t.same(await store.insert('k', { fingerprint: 'f', owner: 'o', expiresAt: Date.now() + 120_000, lease: 300, takeOverExpiredLease: false }), { inserted: true })
+    Date.now = realNow
+    const [seconds, micros] = await client.time()
+    const redisNow = Number(seconds) * 1000 + Math.floor(Number(micros) / 1000)
+    const running = await store.lookup('k')
+    t.equal(running?.leaseExpired, false)
+    const leaseEnd = running?.leaseExpiresAt as number
+    t.ok(leaseEnd > redisNow - 300 && leaseEnd <= redisNow + 300, `the lease ends 300 ms after the claim by Redis's clock (${leaseEnd - redisNow} ms from now)`)
+    await sleep(400)
+    t.match(await store.lookup('k'), { state: 'processing', leaseExpired: true }, 'and lapses then, not an hour later')
+    t.match(await store.insert('k', { fingerprint: 'f', owner: 'o2', expiresAt: Date.now() + 120_000, lease: 300, takeOverExpiredLease: true }), { inserted: true, tookOver: true })
+    t.match(await store.lookup('k'), { state: 'processing', leaseExpired: false }, 'taken over with a lease of its own')
+  })
+
+  t.test('reads a processing record whose lease end is a time, as renewals and the version before write it', async (t) => {
+    const client = new Redis({ host: '127.0.0.1', port: server.port })
+    t.teardown(() => client.disconnect())
+    const store = new RedisStore({ client, prefix: 'absolute:' })
+    const [seconds] = await client.time()
+    const redisNow = Number(seconds) * 1000
+    const expiresAt = redisNow + 60_000
+    const origin = JSON.stringify({ createdAt: redisNow - 1000 })
+    await client.set('absolute:live', `p\n${expiresAt}\n1\nf${redisNow + 30_000}\nowner-live\n${origin}`, 'PXAT', expiresAt)
+    await client.set('absolute:lapsed', `p\n${expiresAt}\n1\nf${redisNow - 30_000}\nowner-lapsed\n${origin}`, 'PXAT', expiresAt)
+    t.match(await store.lookup('live'), { state: 'processing', leaseExpired: false, leaseExpiresAt: redisNow + 30_000, createdAt: redisNow - 1000 })
+    t.match(await store.lookup('lapsed'), { state: 'processing', leaseExpired: true, leaseExpiresAt: redisNow - 30_000 })
+    t.match(await store.insert('live', { ...record('other'), takeOverExpiredLease: true }), { inserted: false, record: { leaseExpired: false } })
+    t.match(await store.insert('lapsed', { ...record('other'), takeOverExpiredLease: true }), { inserted: true, tookOver: true })
+    t.equal(await store.update('live', 'owner-live', { state: 'completed', response: { statusCode: 201, headers: {}, body: 'done' }, expiresAt }), true,
+      'its owner completes it')
+    t.equal((await store.lookup('live'))?.response?.body.toString(), 'done')
+  })
+
   t.test('prune has nothing to do: Redis expires records', async (t) => {
     const client = new Redis({ host: '127.0.0.1', port: server.port })
     t.teardown(() => client.disconnect())
