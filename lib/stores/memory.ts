@@ -1,6 +1,7 @@
 import { LRUCache } from 'lru-cache'
 import Type from 'typebox'
 import { compileOptions, withDefault } from '../options-validator.js'
+import { Watchers } from './watchers.js'
 import type { RequestIdentity } from '../key.js'
 import type {
   IdempotencyRecord,
@@ -79,7 +80,7 @@ export class MemoryStore implements IdempotencyStore {
   // Completed records, kept as lookups answer them.
   #completed: LRUCache<string, IdempotencyRecord>
   // Who waits for a key's record to finish.
-  #watchers = new Map<string, Set<() => void>>()
+  #watchers = new Watchers()
   #evictedSinceWarning = 0
   #lastWarningAt = -Infinity
 
@@ -148,7 +149,7 @@ export class MemoryStore implements IdempotencyStore {
     if (record === undefined || (record.state === 'processing' && !record.leaseExpired)) return false
     this.#completed.delete(key)
     this.#entries.delete(key)
-    this.#notify(key)
+    this.#watchers.tell(key)
     return true
   }
 
@@ -181,7 +182,7 @@ export class MemoryStore implements IdempotencyStore {
     entry.state = update.state
     entry.expiresAt = update.expiresAt
     entry.owner = ''
-    this.#notify(key)
+    this.#watchers.tell(key)
     if (update.state === 'halted') {
       entry.leaseExpiresAt = 0
       return true
@@ -205,22 +206,13 @@ export class MemoryStore implements IdempotencyStore {
   delete (key: string, owner: string): boolean {
     if (this.#owned(key, owner, this.#now()) === undefined) return false
     this.#entries.delete(key)
-    this.#notify(key)
+    this.#watchers.tell(key)
     return true
   }
 
   /** Tells `listener`, in this process and at once, when the record under `key` is completed, halted or deleted. */
   watch (key: string, listener: () => void): () => void {
-    let listeners = this.#watchers.get(key)
-    if (listeners === undefined) {
-      listeners = new Set()
-      this.#watchers.set(key, listeners)
-    }
-    listeners.add(listener)
-    return () => {
-      listeners.delete(listener)
-      if (listeners.size === 0 && this.#watchers.get(key) === listeners) this.#watchers.delete(key)
-    }
+    return this.#watchers.add(key, listener)
   }
 
   /** Removes expired records; answers how many it removed. */
@@ -239,11 +231,6 @@ export class MemoryStore implements IdempotencyStore {
     })
     for (const key of expired) this.#completed.delete(key)
     return removed + expired.length
-  }
-
-  #notify (key: string): void {
-    if (this.#watchers.size === 0) return
-    for (const listener of this.#watchers.get(key) ?? []) listener()
   }
 
   #owned (key: string, owner: string, now: number): Entry | undefined {

@@ -2,6 +2,7 @@ import Type from 'typebox'
 import { compileOptions, withDefault } from '../options-validator.js'
 import { withTimeout } from './timeout.js'
 import { identityJson, parseIdentityJson, type RequestIdentity } from '../key.js'
+import { Watchers } from './watchers.js'
 import type {
   IdempotencyRecord,
   IdempotencyStore,
@@ -140,7 +141,7 @@ export class PostgresStore implements IdempotencyStore {
   #ready: Promise<void> | undefined
   #sql: ReturnType<typeof statements>
   // Who waits for which key's record: the store's LISTEN connection for them, opened on first use.
-  #watchers = new Map<string, Set<() => void>>()
+  #watchers = new Watchers()
   #listener: ListenClient | undefined
   #listening: Promise<void> | undefined
   #reconnect: NodeJS.Timeout | undefined
@@ -235,24 +236,12 @@ export class PostgresStore implements IdempotencyStore {
    */
   watch (key: string, listener: () => void): () => void {
     if (this.#pool.Client === undefined || this.#closed) return ignore
-    let listeners = this.#watchers.get(key)
-    if (listeners === undefined) {
-      listeners = new Set()
-      this.#watchers.set(key, listeners)
-      const watching = listeners
-      this.#listen().then(() => this.#mark([key])).then(() => {
-        for (const told of watching) told()
-      }, ignore)
-    }
-    const watching = listeners
-    watching.add(listener)
-    return () => {
-      watching.delete(listener)
-      if (watching.size > 0) return
-      this.#watchers.delete(key)
+    return this.#watchers.add(key, listener, (tell) => {
+      this.#listen().then(() => this.#mark([key])).then(tell, ignore)
+    }, () => {
       // Nobody waits: a lost connection is opened again by the next watch.
       if (this.#watchers.size === 0) clearTimeout(this.#reconnect)
-    }
+    })
   }
 
   /** Closes the connection `watch` opened; the pool passed in stays open. */
@@ -275,7 +264,7 @@ export class PostgresStore implements IdempotencyStore {
     const listener = new Client(this.#pool.options)
     this.#listener = listener
     listener.on('notification', (message) => {
-      if (message.payload !== undefined) this.#watchers.get(message.payload)?.forEach((told) => { told() })
+      if (message.payload !== undefined) this.#watchers.tell(message.payload)
     })
     // A failed connection ends: 'end' follows.
     listener.on('error', ignore)
@@ -300,8 +289,8 @@ export class PostgresStore implements IdempotencyStore {
     if (this.#closed || this.#watchers.size === 0) return
     this.#reconnect = setTimeout(() => {
       // Marks a record a lost connection could not, then has every waiter look again.
-      this.#listen().then(() => this.#mark([...this.#watchers.keys()])).then(() => {
-        for (const listeners of this.#watchers.values()) for (const told of listeners) told()
+      this.#listen().then(() => this.#mark(this.#watchers.keys())).then(() => {
+        this.#watchers.tellAll()
       }, ignore)
     }, RECONNECT_DELAY).unref()
   }

@@ -3,6 +3,7 @@ import { compileOptions, withDefault } from '../options-validator.js'
 import { identityJson, parseIdentityJson } from '../key.js'
 import { withTimeout } from './timeout.js'
 import { InvalidOptionError } from '../errors.js'
+import { Watchers } from './watchers.js'
 import type {
   IdempotencyRecord,
   IdempotencyStore,
@@ -160,7 +161,7 @@ local function step (key, kind, a)
     return 1
   end
   if kind == 'i' then
-    -- ARGV: the record to write, px, the lease, and 1 to take over a lapsed lease.
+    -- ARGV: the record to write, px, and 1 to take over a lapsed lease.
     local r = redis.call('GET', key)
     if not r then
       redis.call('SET', key, ARGV[a + 1], 'PX', ARGV[a + 2])
@@ -168,7 +169,7 @@ local function step (key, kind, a)
     end
     r = answer(key, r)
     local b = byte(r, 1)
-    if ARGV[a + 4] ~= '1' or not (b == 108 or b == 76) then return r end
+    if ARGV[a + 3] ~= '1' or not (b == 108 or b == 76) then return r end
     local claimed = ARGV[a + 1]
     local _, fingerprintEnd, lengthEnd = fields(r)
     local _, claimedEnd, claimedLengthEnd = fields(claimed)
@@ -200,7 +201,7 @@ local function step (key, kind, a)
   return 1
 end
 -- How many ARGV each kind of step takes, its kind included.
-local sizes = {i = 5, l = 1, d = 2, r = 3, h = 3, c = 5, x = 1, w = 1}
+local sizes = {i = 4, l = 1, d = 2, r = 3, h = 3, c = 5, x = 1, w = 1}
 -- A step that fails (a key of another type, a value this store did not write) fails alone.
 for i = 1, #KEYS do
   local kind = ARGV[a]
@@ -310,7 +311,7 @@ export class RedisStore implements IdempotencyStore {
   #undoRetry: ReturnType<typeof setTimeout> | undefined
   // Who waits for which key's record, by channel: the store's connection for them, opened on first use.
   #subscriber: Subscriber | undefined
-  #watchers = new Map<string, Set<() => void>>()
+  #watchers = new Watchers()
   readonly #sharded: boolean
   // Closes of the client's connection: a WAIT answered on another connection than its writes'.
   #closes = 0
@@ -336,7 +337,7 @@ export class RedisStore implements IdempotencyStore {
     // The key expires px ms after it is claimed, by Redis's clock, and the lease ~<ms> before that.
     const px = Math.max(1, record.expiresAt - Date.now())
     const claimed = `p\n${record.expiresAt}\n${Buffer.byteLength(record.fingerprint)}\n${record.fingerprint}~${Math.max(0, px - record.lease)}\n${record.owner}\n${origin}`
-    const reply = await this.#step('insert', this.prefix + key, ['i', claimed, px, record.lease, record.takeOverExpiredLease ? 1 : 0], 0,
+    const reply = await this.#step('insert', this.prefix + key, ['i', claimed, px, record.takeOverExpiredLease ? 1 : 0], 0,
       { owner: record.owner, expiresAt: record.expiresAt })
     if (typeof reply === 'number') return reply === 2 ? TOOK_OVER : INSERTED
     return { inserted: false, record: this.#toRecord(reply) }
@@ -429,26 +430,15 @@ export class RedisStore implements IdempotencyStore {
     const client = this.#client as unknown as RedisClient
     if (client.duplicate === undefined) return ignore
     const channel = this.#keyPrefix + this.prefix + key
-    let listeners = this.#watchers.get(channel)
-    if (listeners === undefined) {
-      listeners = new Set()
-      this.#watchers.set(channel, listeners)
-      const watching = listeners
-      const subscriber = this.#subscriber ?? this.#subscribe(client.duplicate.bind(client))
+    const duplicate = client.duplicate.bind(client)
+    return this.#watchers.add(channel, listener, (tell) => {
+      const subscriber = this.#subscriber ?? this.#subscribe(duplicate)
       const subscribed = this.#sharded ? subscriber.ssubscribe(channel) : subscriber.subscribe(channel)
-      subscribed.then(() => this.#step('watch', this.prefix + key, ['w'], 0)).then(() => {
-        for (const told of watching) told()
-      }, ignore)
-    }
-    const watching = listeners
-    watching.add(listener)
-    return () => {
-      watching.delete(listener)
-      if (watching.size > 0) return
-      this.#watchers.delete(channel)
+      subscribed.then(() => this.#step('watch', this.prefix + key, ['w'], 0)).then(tell, ignore)
+    }, () => {
       const subscriber = this.#subscriber
       ;(this.#sharded ? subscriber?.sunsubscribe(channel) : subscriber?.unsubscribe(channel))?.catch(ignore)
-    }
+    })
   }
 
   /** Closes the connection `watch` opened; the client passed in stays open. */
@@ -464,15 +454,13 @@ export class RedisStore implements IdempotencyStore {
     const subscriber = this.#sharded ? duplicate([], { shardedSubscribers: true }) : duplicate({ autoResubscribe: false })
     this.#subscriber = subscriber
     subscriber.on(this.#sharded ? 'smessage' : 'message', (channel) => {
-      this.#watchers.get(channel)?.forEach((told) => { told() })
+      this.#watchers.tell(channel)
     })
     // Ready again after a reconnect, messages may have been lost meanwhile: every waiter looks again
     // (at the first connection too, which costs a look).
-    const tellAll = (): void => {
-      for (const listeners of this.#watchers.values()) for (const told of listeners) told()
-    }
+    const tellAll = (): void => { this.#watchers.tellAll() }
     subscriber.on(this.#sharded ? 'subscribersReady' : 'ready', () => {
-      const channels = [...this.#watchers.keys()]
+      const channels = this.#watchers.keys()
       const subscribed = this.#sharded || channels.length === 0 ? Promise.resolve() : subscriber.subscribe(...channels)
       subscribed.then(tellAll, tellAll)
     })
