@@ -4,16 +4,13 @@ import pg from 'pg'
 import idempotency, { PostgresStore, postgresChannel, type IdempotencyOptions } from '../lib/index.js'
 import { requirePostgres, startPostgres, type PostgresServer } from './helpers/postgres-server.js'
 import { deferred, key, sleep } from './helpers/timing.js'
+import { blockingOrders, outageWhileWaiting, waiters, type BlockingOrders } from './helpers/waiting.js'
 
-interface Setup {
+interface Setup extends BlockingOrders {
   server: PostgresServer
   pool: pg.Pool
   app: FastifyInstance
   store: PostgresStore
-  runs: () => number
-  started: Promise<void>
-  finish: () => void
-  send: (clientKey: string) => Promise<Awaited<ReturnType<FastifyInstance['inject']>>>
 }
 
 const table = 'waited_requests'
@@ -31,21 +28,7 @@ async function setup (t: Test, options: IdempotencyOptions = {}): Promise<Setup>
     await pool.end()
     await server.destroy()
   })
-  let runs = 0
-  const started = deferred()
-  const finish = deferred()
-  app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
-    runs++
-    started.resolve()
-    await finish.promise
-    return reply.code(201).send({ id: 'ord_1' })
-  })
-  const send = async (clientKey: string) => await app.inject({ method: 'POST', url: '/orders', headers: key(clientKey), payload: { amount: 1 } })
-  return { server, pool, app, store, runs: () => runs, started: started.promise, finish: finish.resolve, send }
-}
-
-async function waiters (app: FastifyInstance, count: number): Promise<void> {
-  while (app.idempotency.waiting !== count) await sleep(1)
+  return { server, pool, app, store, ...blockingOrders(app) }
 }
 
 // The backends LISTENing on the store's channel, as the server sees them.
@@ -132,24 +115,9 @@ t.test('a waiter survives its LISTEN connection being terminated, which is opene
 
 t.test('a PostgreSQL outage while a duplicate waits answers 503, and waiting works again once it is back', async (t) => {
   if (!requirePostgres(t)) return
-  const { server, pool, app, store, started, finish, send } = await setup(t)
-  const running = send('outage')
-  await started
-  const duplicate = send('outage')
-  await waiters(app, 1)
-  await server.stop()
-  const answer = await duplicate
-  t.equal(answer.statusCode, 503)
-  t.equal(answer.json().code, 'FST_IDEMPOTENCY_STORE_UNAVAILABLE')
-  finish()
-  await running
-  await server.start()
-  let fresh = await send('after')
-  for (let attempt = 0; attempt < 100 && fresh.statusCode === 503; attempt++) {
-    await sleep(50)
-    fresh = await send('after')
-  }
-  t.equal(fresh.statusCode, 201, 'a new key runs once PostgreSQL is back')
+  const waiting = await setup(t)
+  const { pool, store } = waiting
+  await outageWhileWaiting(t, waiting, waiting.server, 'PostgreSQL')
   // A new watch opens the LISTEN connection again.
   const told = deferred()
   const unwatch = store.watch('later', () => { told.resolve() })

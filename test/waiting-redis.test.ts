@@ -4,14 +4,11 @@ import { Cluster, Redis } from 'ioredis'
 import idempotency, { RedisStore, type IdempotencyOptions } from '../lib/index.js'
 import { redisCommand, requireRedis, startRedis, startRedisCluster, type RedisServer } from './helpers/redis-server.js'
 import { deferred, key, sleep } from './helpers/timing.js'
+import { blockingOrders, outageWhileWaiting, waiters, type BlockingOrders } from './helpers/waiting.js'
 
-interface Setup {
+interface Setup extends BlockingOrders {
   server: RedisServer
   app: FastifyInstance
-  runs: () => number
-  started: Promise<void>
-  finish: () => void
-  send: (clientKey: string) => Promise<Awaited<ReturnType<FastifyInstance['inject']>>>
 }
 
 // One app on a private Redis, whose first request with a key runs until `finish`.
@@ -26,21 +23,7 @@ async function setup (t: Test, options: IdempotencyOptions = {}, keyPrefix?: str
     client.disconnect()
     await server.stop()
   })
-  let runs = 0
-  const started = deferred()
-  const finish = deferred()
-  app.post('/orders', { config: { idempotency: true } }, async (request, reply) => {
-    runs++
-    started.resolve()
-    await finish.promise
-    return reply.code(201).send({ id: 'ord_1' })
-  })
-  const send = async (clientKey: string) => await app.inject({ method: 'POST', url: '/orders', headers: key(clientKey), payload: { amount: 1 } })
-  return { server, app, runs: () => runs, started: started.promise, finish: finish.resolve, send }
-}
-
-async function waiters (app: FastifyInstance, count: number): Promise<void> {
-  while (app.idempotency.waiting !== count) await sleep(1)
+  return { server, app, ...blockingOrders(app) }
 }
 
 t.test('Redis publishes the end of a record a duplicate waits for, and nothing for one nobody waits for', async (t) => {
@@ -106,24 +89,8 @@ t.test('a waiter survives its subscription being killed, and gets the replay, un
 
 t.test('a Redis outage while a duplicate waits answers 503, and the app recovers without a restart', async (t) => {
   if (!requireRedis(t)) return
-  const { server, app, started, finish, send } = await setup(t)
-  const running = send('outage')
-  await started
-  const duplicate = send('outage')
-  await waiters(app, 1)
-  await server.stop()
-  const answer = await duplicate
-  t.equal(answer.statusCode, 503)
-  t.equal(answer.json().code, 'FST_IDEMPOTENCY_STORE_UNAVAILABLE')
-  finish()
-  await running
-  await server.start()
-  let fresh = await send('after')
-  for (let attempt = 0; attempt < 100 && fresh.statusCode === 503; attempt++) {
-    await sleep(50)
-    fresh = await send('after')
-  }
-  t.equal(fresh.statusCode, 201, 'a new key runs once Redis is back')
+  const waiting = await setup(t)
+  await outageWhileWaiting(t, waiting, waiting.server, 'Redis')
 })
 
 t.test('a Redis client that cannot open a connection of its own leaves waiters to look on their own', async (t) => {

@@ -11,6 +11,7 @@ import { requireRedis, startRedis } from './helpers/redis-server.js'
 import { FaultyStore } from './helpers/stores.js'
 import { post } from './helpers/shared-store.js'
 import { deferred, key, sleep } from './helpers/timing.js'
+import { waiters } from './helpers/waiting.js'
 
 async function appOn (t: Test, options: IdempotencyOptions, logger: object | boolean = false): Promise<FastifyInstance> {
   const app = Fastify({ logger })
@@ -215,24 +216,21 @@ t.test('maxWaiting bounds the waiters; a waiter whose client went away frees its
   })
   await app.listen({ host: '127.0.0.1', port: 0 })
   const port = (app.server.address() as AddressInfo).port
-  const waiters = async (count: number): Promise<void> => {
-    while (app.idempotency.waiting !== count) await sleep(1)
-  }
   const running = post(port, 'crowded')
   await started.promise
   // A waiter over a socket that goes away.
   const socket = connect({ host: '127.0.0.1', port })
   const body = '{"amount":100}'
   socket.write(`POST /orders HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nIdempotency-Key: crowded\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
-  await waiters(1)
+  await waiters(app, 1)
   const full = await post(port, 'crowded')
   t.equal(full.status, 409, 'past maxWaiting, a duplicate is answered at once')
   t.equal((await post(port, 'crowded')).status, 409)
   t.equal(logs.lines.filter((line) => /maxWaiting duplicates wait already/.test(line.msg)).length, 1, 'and a warning is logged once')
   socket.destroy()
-  await waiters(0)
+  await waiters(app, 0)
   const waiting = post(port, 'crowded')
-  await waiters(1)
+  await waiters(app, 1)
   first.resolve()
   const answer = await waiting
   t.equal(answer.status, 200, 'the slot was freed: this duplicate waited')
